@@ -1,0 +1,167 @@
+//! An NBD (Network Block Device) protocol server and client.
+//!
+//! The server speaks the fixed newstyle handshake with structured replies, extended headers
+//! (64-bit requests and replies, as QEMU 10 negotiates them), metadata contexts
+//! (`base:allocation` plus whatever extra contexts an export offers, such as
+//! `qemu:allocation-depth` or `qemu:dirty-bitmap:NAME`) and a STARTTLS hook. It mirrors the
+//! behaviour of QEMU's NBD server (flags, block sizes, error texts).
+//!
+//! The crate knows nothing of the block layer behind an export: the embedding daemon
+//! implements [`ExportBackend`] for each export and hands connected sockets (anything
+//! implementing [`Stream`]) to [`Server::serve_client`]. Everything is synchronous: each
+//! connection has a reader thread that decodes requests and a small, bounded pool of worker
+//! threads that serve them and write replies, possibly out of order, under one send lock.
+
+pub mod client;
+pub mod proto;
+mod server;
+pub mod test_utils;
+mod transmission;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+pub use proto::Extent;
+pub use server::{RemoveMode, Server, ServerConfig};
+
+/// A connected byte stream (unix socket, TCP socket, later TLS session).
+///
+/// The server reads requests on one handle and writes replies through another obtained with
+/// [`Stream::try_clone`], and keeps a third one to [`Stream::shutdown`] the connection from
+/// outside (export removal, server stop).
+pub trait Stream: Read + Write + Send {
+    /// Another handle on the same connection, usable from another thread.
+    fn try_clone(&self) -> io::Result<Box<dyn Stream>>;
+    /// Shut down both directions, waking up any thread blocked on the stream.
+    fn shutdown(&self) -> io::Result<()>;
+    /// Bound how long a read may block (`None`: forever). Used for the handshake timeout.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl Stream for UnixStream {
+    fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(UnixStream::try_clone(self)?))
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, std::net::Shutdown::Both)
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl Stream for TcpStream {
+    fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(TcpStream::try_clone(self)?))
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, std::net::Shutdown::Both)
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// Upgrades a plain connection to TLS after NBD_OPT_STARTTLS has been acknowledged.
+///
+/// When a server has one, TLS is required: before STARTTLS every option except STARTTLS and
+/// ABORT is refused with NBD_REP_ERR_TLS_REQD (as QEMU does when `tls-creds` is set).
+pub trait TlsUpgrade: Send + Sync {
+    /// Run the server side of the TLS handshake (and any client authorisation) on `plain`.
+    /// An error closes the connection; its text is logged.
+    fn upgrade(&self, plain: Box<dyn Stream>) -> io::Result<Box<dyn Stream>>;
+}
+
+/// The storage behind one export. Offsets and lengths are already checked against
+/// [`ExportBackend::size`] and the protocol limits when these are called.
+pub trait ExportBackend: Send + Sync {
+    /// Size of the export in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` with the data at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at `offset`; with `fua`, the data must be durable when this returns.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Discard a range (a hint: the data may stay or read back as anything).
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Make a range read as zeroes. `may_trim`: the range may be deallocated.
+    /// `fast_only`: fail with `ErrorKind::Unsupported` (NBD ENOTSUP), changing nothing, unless
+    /// this is faster than writing zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool)
+        -> io::Result<()>;
+    /// Prefetch a range; the default does nothing, which is always correct.
+    fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Status of a range for metadata context `context` (0 = `base:allocation`, `i` =
+    /// `ExportConfig::meta_contexts[i - 1]`). Returns extents covering at least a non-empty
+    /// prefix of the range; the server calls again for the rest. Also used with context 0 to
+    /// send holes ([`proto::STATE_ZERO`] extents) instead of data in READ replies.
+    /// The default reports everything as allocated data.
+    fn block_status(&self, _context: usize, _offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            length: len,
+            flags: 0,
+        }])
+    }
+}
+
+/// How one export is presented to clients.
+#[derive(Clone, Debug, Default)]
+pub struct ExportConfig {
+    /// Export name clients ask for ("" is the default export).
+    pub name: String,
+    /// Free-text description sent with NBD_OPT_LIST and NBD_INFO_DESCRIPTION.
+    pub description: Option<String>,
+    /// Refuse writes (EPERM) and advertise READ_ONLY.
+    pub read_only: bool,
+    /// Advertise CAN_MULTI_CONN (QEMU does unless the server allows a single connection).
+    pub multi_conn: bool,
+    /// Metadata contexts besides `base:allocation`, in the order their ids are assigned
+    /// (QEMU: `qemu:allocation-depth` first, then `qemu:dirty-bitmap:NAME`s).
+    pub meta_contexts: Vec<String>,
+}
+
+/// Errors of the server's management API and of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Adding an export whose name is taken.
+    #[error("NBD server already has export named '{0}'")]
+    ExportExists(String),
+    /// Removing an export that does not exist.
+    #[error("Export '{0}' is not found")]
+    ExportNotFound(String),
+    /// Safe removal of an export with connected clients.
+    #[error("export '{0}' still in use")]
+    ExportInUse(String),
+    /// Invalid export configuration.
+    #[error("invalid NBD export '{name}': {reason}")]
+    InvalidExport { name: String, reason: String },
+    /// I/O failure on the connection.
+    #[error("NBD connection: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke the protocol.
+    #[error("NBD protocol error: {0}")]
+    Protocol(String),
+    /// The server refused an option during negotiation.
+    #[error("server replied with error {reply_type:#x} to option {option} ({}): {message}", proto::option_name(*option))]
+    OptionRefused {
+        option: u32,
+        reply_type: u32,
+        message: String,
+    },
+    /// The server failed a command.
+    #[error("NBD {command} failed with error {errno}: {message}")]
+    Command {
+        command: &'static str,
+        errno: u32,
+        message: String,
+    },
+}

@@ -1,0 +1,232 @@
+//! An in-memory export backend for tests (of this crate and of its users).
+
+use std::io::{self, ErrorKind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use crate::proto::{Extent, STATE_HOLE, STATE_ZERO};
+use crate::ExportBackend;
+
+/// Allocation granularity of [`MemBackend`].
+pub const BLOCK: u64 = 4096;
+
+struct Disk {
+    data: Vec<u8>,
+    /// One flag per [`BLOCK`]: allocated (written) or a hole (reads as zeroes).
+    allocated: Vec<bool>,
+}
+
+/// A RAM disk that tracks allocation per 4 KiB block, so that block status, sparse reads,
+/// trim and write-zeroes have something real to report. Extra metadata contexts (index 1..)
+/// report fixed extent maps given at construction.
+pub struct MemBackend {
+    disk: RwLock<Disk>,
+    extra_maps: Vec<Vec<Extent>>,
+    read_delay: Option<Duration>,
+    flushes: AtomicUsize,
+    fua_writes: AtomicUsize,
+}
+
+fn range_error(offset: u64, len: u64, size: usize) -> io::Error {
+    io::Error::new(
+        ErrorKind::InvalidInput,
+        format!("range {offset}+{len} outside the {size}-byte memory disk"),
+    )
+}
+
+impl MemBackend {
+    /// An unallocated (all-hole) disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        let blocks = size.div_ceil(BLOCK) as usize;
+        Self {
+            disk: RwLock::new(Disk {
+                data: vec![0; size as usize],
+                allocated: vec![false; blocks],
+            }),
+            extra_maps: Vec::new(),
+            read_delay: None,
+            flushes: AtomicUsize::new(0),
+            fua_writes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Add a context (index = previous count + 1) answering with this fixed extent map.
+    pub fn with_context_map(mut self, extents: Vec<Extent>) -> Self {
+        self.extra_maps.push(extents);
+        self
+    }
+
+    /// Make every read sleep first (to observe concurrent, out-of-order service).
+    pub fn with_read_delay(mut self, delay: Duration) -> Self {
+        self.read_delay = Some(delay);
+        self
+    }
+
+    /// Flushes seen so far.
+    pub fn flushes(&self) -> usize {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    /// Writes received with FUA so far.
+    pub fn fua_writes(&self) -> usize {
+        self.fua_writes.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the whole disk.
+    pub fn contents(&self) -> Vec<u8> {
+        self.disk.read().unwrap_or_else(|p| p.into_inner()).data.clone()
+    }
+
+    fn checked(&self, offset: u64, len: u64, size: usize) -> io::Result<(usize, usize)> {
+        let end = offset.checked_add(len).filter(|&e| e <= size as u64);
+        match end {
+            Some(end) => Ok((offset as usize, end as usize)),
+            None => Err(range_error(offset, len, size)),
+        }
+    }
+
+    /// Zero a range, deallocating the whole blocks inside it if `deallocate`.
+    fn zero(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        let mut disk = self.disk.write().unwrap_or_else(|p| p.into_inner());
+        let (start, end) = self.checked(offset, len, disk.data.len())?;
+        disk.data[start..end].fill(0);
+        let first = offset.div_ceil(BLOCK) as usize;
+        let last = ((offset + len) / BLOCK) as usize;
+        let size = disk.data.len() as u64;
+        for b in first..last {
+            disk.allocated[b] = !deallocate;
+        }
+        // A partial block at the end of the disk counts as whole.
+        if deallocate && offset + len == size && size % BLOCK != 0 && offset <= size - size % BLOCK {
+            if let Some(tail) = disk.allocated.last_mut() {
+                *tail = false;
+            }
+        }
+        if !deallocate {
+            let lo = (offset / BLOCK) as usize;
+            let hi = (offset + len).div_ceil(BLOCK) as usize;
+            disk.allocated[lo..hi].fill(true);
+        }
+        Ok(())
+    }
+}
+
+impl ExportBackend for MemBackend {
+    fn size(&self) -> u64 {
+        self.disk.read().unwrap_or_else(|p| p.into_inner()).data.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(delay) = self.read_delay {
+            std::thread::sleep(delay);
+        }
+        let disk = self.disk.read().unwrap_or_else(|p| p.into_inner());
+        let (start, end) = self.checked(offset, buf.len() as u64, disk.data.len())?;
+        buf.copy_from_slice(&disk.data[start..end]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let mut disk = self.disk.write().unwrap_or_else(|p| p.into_inner());
+        let (start, end) = self.checked(offset, buf.len() as u64, disk.data.len())?;
+        disk.data[start..end].copy_from_slice(buf);
+        if !buf.is_empty() {
+            let lo = start / BLOCK as usize;
+            let hi = end.div_ceil(BLOCK as usize);
+            disk.allocated[lo..hi].fill(true);
+        }
+        if fua {
+            self.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+        if fast_only && !may_trim {
+            return Err(io::Error::new(
+                ErrorKind::Unsupported,
+                "zeroing without deallocation is not fast on a memory disk",
+            ));
+        }
+        self.zero(offset, len, may_trim)
+    }
+
+    fn block_status(&self, context: usize, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        if context > 0 {
+            let map = self
+                .extra_maps
+                .get(context - 1)
+                .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, format!("no context {context}")))?;
+            let mut pos = 0u64;
+            let mut out = Vec::new();
+            for e in map {
+                let (s, t) = (pos, pos + e.length);
+                pos = t;
+                if t <= offset || s >= offset + len {
+                    continue;
+                }
+                let length = t.min(offset + len) - s.max(offset);
+                out.push(Extent { length, flags: e.flags });
+            }
+            if out.is_empty() {
+                out.push(Extent { length: len, flags: 0 });
+            }
+            return Ok(out);
+        }
+        let disk = self.disk.read().unwrap_or_else(|p| p.into_inner());
+        self.checked(offset, len, disk.data.len())?;
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = (pos / BLOCK) as usize;
+            let block_end = ((block as u64 + 1) * BLOCK).min(end);
+            let flags = if disk.allocated[block] { 0 } else { STATE_HOLE | STATE_ZERO };
+            match out.last_mut() {
+                Some(last) if last.flags == flags => last.length += block_end - pos,
+                _ => out.push(Extent { length: block_end - pos, flags }),
+            }
+            pos = block_end;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_tracking() {
+        let m = MemBackend::new(16 * BLOCK);
+        m.write_at(&[1; 10], BLOCK + 5, false).unwrap();
+        let e = m.block_status(0, 0, 16 * BLOCK).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                Extent { length: BLOCK, flags: 3 },
+                Extent { length: BLOCK, flags: 0 },
+                Extent { length: 14 * BLOCK, flags: 3 },
+            ]
+        );
+        m.write_zeroes(0, 4 * BLOCK, true, true).unwrap();
+        assert_eq!(m.block_status(0, 0, 4 * BLOCK).unwrap(), vec![Extent { length: 4 * BLOCK, flags: 3 }]);
+        assert!(m.write_zeroes(0, BLOCK, false, true).is_err());
+        m.write_zeroes(0, BLOCK, false, false).unwrap();
+        assert_eq!(m.block_status(0, 0, BLOCK).unwrap(), vec![Extent { length: BLOCK, flags: 0 }]);
+        let mut buf = [9u8; 8];
+        m.read_at(&mut buf, BLOCK + 4).unwrap();
+        assert_eq!(buf, [0; 8]);
+        assert!(m.read_at(&mut buf, 16 * BLOCK - 4).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds, and runs every test: unit tests of the
+# crates, and black-box tests of the built daemon with real clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+
+export CARGO_TERM_COLOR=never
+cargo build --release --workspace --all-targets
+# Tests that start QSD, QEMU or many daemons are heavy for 2 cores: run them
+# two at a time.
+cargo nextest run --release --workspace --no-fail-fast --test-threads 2 "$@"

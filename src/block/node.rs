@@ -1,0 +1,148 @@
+//! A named node of the graph: a driver plus what the graph keeps per node
+//! (dirty bitmaps). Writes go through the node so that every write path
+//! (NBD, vhost-user-blk, discard, write-zeroes) marks the bitmaps.
+
+use std::io::{self, IoSlice};
+use std::sync::{Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+
+use super::bitmap::DirtyBitmap;
+use super::{BlockDriver, ZeroFlags};
+
+pub struct BlockNode {
+    name: String,
+    driver: Box<dyn BlockDriver>,
+    bitmaps: Mutex<Vec<DirtyBitmap>>,
+}
+
+impl BlockNode {
+    pub fn new(name: String, driver: Box<dyn BlockDriver>) -> Self {
+        BlockNode {
+            name,
+            driver,
+            bitmaps: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The node's `node-name`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+
+    fn bitmaps(&self) -> MutexGuard<'_, Vec<DirtyBitmap>> {
+        self.bitmaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        let mut bitmaps = self.bitmaps();
+        for bm in bitmaps.iter_mut() {
+            bm.mark(offset, len);
+        }
+    }
+
+    /// Writes through the driver and marks the range dirty, even when the
+    /// write fails: a failed write may have changed part of the range.
+    pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let result = self.driver.write_vectored(offset, bufs);
+        self.mark_dirty(offset, len);
+        result
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let result = self.driver.discard(offset, len);
+        self.mark_dirty(offset, len);
+        result
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let result = self.driver.write_zeroes(offset, len, flags);
+        if !(flags.fast_only && result.is_err()) {
+            self.mark_dirty(offset, len);
+        }
+        result
+    }
+
+    /// Resizes the node and its bitmaps.
+    pub fn resize(&self, new_size: u64) -> io::Result<()> {
+        self.driver.resize(new_size)?;
+        let size = self.driver.size();
+        for bm in self.bitmaps().iter_mut() {
+            bm.resize(size);
+        }
+        Ok(())
+    }
+
+    pub fn has_bitmap(&self, name: &str) -> bool {
+        self.bitmaps().iter().any(|b| b.name == name)
+    }
+
+    pub fn add_bitmap(&self, bitmap: DirtyBitmap) {
+        self.bitmaps().push(bitmap);
+    }
+
+    pub fn remove_bitmap(&self, name: &str) {
+        self.bitmaps().retain(|b| b.name != name);
+    }
+
+    /// A copy of bitmap `name`.
+    pub fn bitmap(&self, name: &str) -> Option<DirtyBitmap> {
+        self.bitmaps().iter().find(|b| b.name == name).cloned()
+    }
+
+    pub fn bitmap_busy(&self, name: &str) -> bool {
+        self.bitmaps().iter().any(|b| b.name == name && b.busy)
+    }
+
+    pub fn set_bitmap_busy(&self, name: &str, busy: bool) {
+        if let Some(b) = self.bitmaps().iter_mut().find(|b| b.name == name) {
+            b.busy = busy;
+        }
+    }
+
+    /// Runs `f` on bitmap `name`, or fails with QEMU's "not found" text.
+    pub fn with_bitmap(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut DirtyBitmap) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut bitmaps = self.bitmaps();
+        let bm = bitmaps
+            .iter_mut()
+            .find(|b| b.name == name)
+            .ok_or_else(|| format!("Dirty bitmap '{name}' not found"))?;
+        f(bm)
+    }
+
+    /// `dirty-bitmaps` entries of `query-named-block-nodes`.
+    pub fn bitmaps_info(&self) -> Vec<Value> {
+        let size = self.driver.size();
+        self.bitmaps()
+            .iter()
+            .map(|b| {
+                json!({
+                    "name": b.name,
+                    "recording": b.recording,
+                    "persistent": b.persistent,
+                    "busy": b.busy,
+                    "granularity": b.granularity,
+                    "count": b.dirty_bytes(size),
+                })
+            })
+            .collect()
+    }
+
+    /// The dirty/clean run of bitmap `name` that starts at `offset`.
+    pub fn bitmap_extent(&self, name: &str, offset: u64, len: u64) -> io::Result<(u64, bool)> {
+        self.bitmaps()
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| b.extent(offset, len))
+            .ok_or_else(|| io::Error::other(format!("dirty bitmap '{name}' was removed")))
+    }
+}

@@ -1,0 +1,158 @@
+//! The disk behind an export: a block node seen through the NBD and
+//! vhost-user-blk crates' traits.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use crate::block::{BlockNode, ZeroFlags};
+
+/// Which metadata a context of an NBD export reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `qemu:allocation-depth`: 0 unallocated, 1 local, 2+ backing layers.
+    AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    pub fn nbd_name(&self) -> String {
+        match self {
+            MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
+            MetaContext::DirtyBitmap(name) => format!("qemu:dirty-bitmap:{name}"),
+        }
+    }
+}
+
+/// A block node as an export uses it.
+pub struct NodeDisk {
+    node: Arc<BlockNode>,
+    /// Flush after every write (`writethrough=on`).
+    writethrough: bool,
+    /// The NBD metadata contexts after `base:allocation`, in id order.
+    contexts: Vec<MetaContext>,
+}
+
+impl NodeDisk {
+    pub fn new(node: Arc<BlockNode>, writethrough: bool, contexts: Vec<MetaContext>) -> Self {
+        NodeDisk {
+            node,
+            writethrough,
+            contexts,
+        }
+    }
+
+    fn after_write(&self, force_flush: bool) -> io::Result<()> {
+        if force_flush || self.writethrough {
+            self.node.driver().flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl nbd::ExportBackend for NodeDisk {
+    fn size(&self) -> u64 {
+        self.node.driver().size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.node
+            .driver()
+            .read_vectored(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.node.write_vectored(offset, &[IoSlice::new(buf)])?;
+        self.after_write(fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.node.driver().flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.node.discard(offset, len)?;
+        self.after_write(false)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+        self.node.write_zeroes(
+            offset,
+            len,
+            ZeroFlags {
+                may_unmap: may_trim,
+                fast_only,
+            },
+        )?;
+        self.after_write(false)
+    }
+
+    fn block_status(&self, context: usize, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {
+        let meta = match context {
+            0 => None,
+            n => Some(self.contexts.get(n - 1).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "unknown metadata context")
+            })?),
+        };
+        if let Some(MetaContext::DirtyBitmap(name)) = meta {
+            let (length, dirty) = self.node.bitmap_extent(name, offset, len)?;
+            return Ok(vec![nbd::Extent {
+                length,
+                flags: u64::from(dirty),
+            }]);
+        }
+        let extent = self.node.driver().block_status(offset, len)?;
+        let flags = match meta {
+            None => {
+                let mut flags = 0;
+                if !extent.data {
+                    flags |= nbd::proto::STATE_HOLE;
+                }
+                if extent.zero {
+                    flags |= nbd::proto::STATE_ZERO;
+                }
+                flags
+            }
+            Some(_) => u64::from(extent.depth),
+        };
+        Ok(vec![nbd::Extent {
+            length: extent.length.clamp(1, len.max(1)),
+            flags,
+        }])
+    }
+}
+
+impl vhost_blk::BlockDisk for NodeDisk {
+    fn size(&self) -> u64 {
+        self.node.driver().size()
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        self.node.driver().read_vectored(offset, bufs)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        self.node.write_vectored(offset, bufs)?;
+        self.after_write(false)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.node.driver().flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.node.discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.node.write_zeroes(
+            offset,
+            len,
+            ZeroFlags {
+                may_unmap: unmap,
+                fast_only: false,
+            },
+        )?;
+        self.after_write(false)
+    }
+}
