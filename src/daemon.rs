@@ -264,7 +264,8 @@ impl Daemon {
             };
             for ev in &events[..n] {
                 let flags = epoll::Events::from_bits_truncate(ev.events);
-                match ev.data {
+                let data = ev.data;
+                match data {
                     SIGNAL_TOKEN => self.handle_signal(),
                     WAKE_TOKEN => self.handle_wake(),
                     NBD_LISTENER_TOKEN => self.accept_nbd_clients(),

@@ -1,12 +1,12 @@
 //! iothreads: named threads, each with its own epoll loop, that exports run
 //! their work on.
 //!
-//! An iothread runs submitted tasks and stops on request. `query-iothreads`
-//! reports its kernel thread id so that an operator (or libvirt) can pin it;
-//! vhost-user-blk workers that belong to an iothread copy its name and CPU
-//! affinity when they start, so pinning the iothread pins the queue work too.
+//! An iothread is the anchor of the worker threads of the exports that name
+//! it. `query-iothreads` reports its kernel thread id so that an operator (or
+//! libvirt) can pin it; vhost-user-blk workers that belong to an iothread copy
+//! its name and CPU affinity when they start, so pinning the iothread pins the
+//! queue work too. The thread itself waits in its epoll loop until stopped.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,10 +14,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-type Task = Box<dyn FnOnce() + Send>;
-
 const STOP_TOKEN: u64 = 0;
-const TASK_TOKEN: u64 = 1;
 
 /// A running iothread.
 pub struct IoThread {
@@ -27,11 +24,9 @@ pub struct IoThread {
     handle: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// What the loop and the submitters share.
+/// What the loop and its owner share.
 struct Shared {
     stop: EventFd,
-    wake: EventFd,
-    tasks: Mutex<VecDeque<Task>>,
 }
 
 impl IoThread {
@@ -39,24 +34,17 @@ impl IoThread {
     pub fn spawn(id: &str) -> io::Result<IoThread> {
         let shared = Arc::new(Shared {
             stop: EventFd::new(EFD_NONBLOCK)?,
-            wake: EventFd::new(EFD_NONBLOCK)?,
-            tasks: Mutex::new(VecDeque::new()),
         });
         let epoll_fd = epoll::create(true)?;
-        for (fd, token) in [
-            (shared.stop.as_raw_fd(), STOP_TOKEN),
-            (shared.wake.as_raw_fd(), TASK_TOKEN),
-        ] {
-            if let Err(e) = epoll::ctl(
-                epoll_fd,
-                epoll::ControlOptions::EPOLL_CTL_ADD,
-                fd,
-                epoll::Event::new(epoll::Events::EPOLLIN, token),
-            ) {
-                // SAFETY: epoll_fd was created above and is not used elsewhere.
-                unsafe { libc::close(epoll_fd) };
-                return Err(e);
-            }
+        if let Err(e) = epoll::ctl(
+            epoll_fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            shared.stop.as_raw_fd(),
+            epoll::Event::new(epoll::Events::EPOLLIN, STOP_TOKEN),
+        ) {
+            // SAFETY: epoll_fd was created above and is not used elsewhere.
+            unsafe { libc::close(epoll_fd) };
+            return Err(e);
         }
         let (tid_tx, tid_rx) = mpsc::channel();
         let loop_shared = Arc::clone(&shared);
@@ -89,28 +77,6 @@ impl IoThread {
         self.thread_id
     }
 
-    /// Runs `task` on the iothread.
-    pub fn submit(&self, task: impl FnOnce() + Send + 'static) {
-        if let Ok(mut q) = self.shared.tasks.lock() {
-            q.push_back(Box::new(task));
-        }
-        let _ = self.shared.wake.write(1);
-    }
-
-    /// The CPUs the iothread may run on, as the kernel reports them now.
-    pub fn cpu_affinity(&self) -> Option<libc::cpu_set_t> {
-        // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            let rc = libc::sched_getaffinity(
-                self.thread_id,
-                std::mem::size_of::<libc::cpu_set_t>(),
-                &mut set,
-            );
-            (rc == 0).then_some(set)
-        }
-    }
-
     /// Stops the loop and joins the thread.
     pub fn stop(&self) {
         let _ = self.shared.stop.write(1);
@@ -133,27 +99,18 @@ pub fn thread_name(id: &str) -> String {
 }
 
 fn run_loop(epoll_fd: i32, shared: &Shared) {
-    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 8];
+    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
     loop {
-        let n = match epoll::wait(epoll_fd, -1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        match epoll::wait(epoll_fd, -1, &mut events) {
+            Ok(n) if events[..n].iter().any(|ev| ev.data == STOP_TOKEN) => {
+                let _ = shared.stop.read();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 log::error!("iothread epoll_wait failed: {e}");
                 return;
-            }
-        };
-        for ev in &events[..n] {
-            if ev.data == STOP_TOKEN {
-                return;
-            }
-            let _ = shared.wake.read();
-            loop {
-                let task = shared.tasks.lock().ok().and_then(|mut q| q.pop_front());
-                match task {
-                    Some(t) => t(),
-                    None => break,
-                }
             }
         }
     }
@@ -162,25 +119,17 @@ fn run_loop(epoll_fd: i32, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
-    fn runs_tasks_on_a_named_thread_and_stops() {
-        let t = IoThread::spawn("iot-test").unwrap();
-        assert!(t.thread_id() > 0);
-        let (tx, rx) = mpsc::channel();
-        t.submit(move || {
-            let name = std::thread::current().name().map(str::to_string);
-            // SAFETY: no preconditions.
-            tx.send((name, unsafe { libc::gettid() })).unwrap();
-        });
-        let (name, tid) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(name.as_deref(), Some("iot-test"));
-        assert_eq!(tid, t.thread_id());
-        assert!(t.cpu_affinity().is_some());
+    fn runs_as_a_named_thread_until_stopped() {
+        let t = IoThread::spawn("iot-test-with-a-long-name").unwrap();
+        let task = format!("/proc/self/task/{}", t.thread_id());
+        let comm = std::fs::read_to_string(format!("{task}/comm")).unwrap();
+        assert_eq!(comm.trim(), "iot-test-with-a");
+        assert_eq!(t.id(), "iot-test-with-a-long-name");
         t.stop();
-        // A stopped thread's id is gone from the process.
-        let path = format!("/proc/self/task/{}", t.thread_id());
-        assert!(!std::path::Path::new(&path).exists());
+        assert!(!std::path::Path::new(&task).exists());
+        // Stopping twice is harmless.
+        t.stop();
     }
 }

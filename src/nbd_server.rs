@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use crate::daemon::{Daemon, MainMsg};
 
-enum Listener {
+pub enum Listener {
     Unix { listener: UnixListener, path: Option<PathBuf> },
     Tcp(TcpListener),
 }

@@ -13,8 +13,4 @@ impl UserObject {
     pub fn is_tls_creds(&self) -> bool {
         self.qom_type.starts_with("tls-creds-")
     }
-
-    pub fn is_authz(&self) -> bool {
-        self.qom_type.starts_with("authz-")
-    }
 }

@@ -68,7 +68,10 @@ pub struct Handshake {
 impl Handshake {
     /// Read the greeting and reply with FIXED_NEWSTYLE | NO_ZEROES.
     pub fn start(stream: Box<dyn Stream>) -> Result<Self> {
-        Self::start_with_flags(stream, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+        Self::start_with_flags(
+            stream,
+            proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES,
+        )
     }
 
     /// Read the greeting and reply with the given client flags.
@@ -96,7 +99,8 @@ impl Handshake {
 
     /// Send a raw option and collect its replies up to the final one (ACK or an error).
     pub fn option(&mut self, option: u32, payload: &[u8]) -> Result<Vec<OptionReply>> {
-        self.stream.write_all(&proto::option_request(option, payload))?;
+        self.stream
+            .write_all(&proto::option_request(option, payload))?;
         let mut replies = Vec::new();
         loop {
             let mut h = [0u8; 20];
@@ -193,7 +197,9 @@ impl Handshake {
                     info.flags = c.u16().ok_or_else(|| protocol("short INFO_EXPORT"))?;
                     got_export = true;
                 }
-                Some(proto::INFO_NAME) => info.name = Some(String::from_utf8_lossy(c.remaining()).into_owned()),
+                Some(proto::INFO_NAME) => {
+                    info.name = Some(String::from_utf8_lossy(c.remaining()).into_owned())
+                }
                 Some(proto::INFO_DESCRIPTION) => {
                     info.description = Some(String::from_utf8_lossy(c.remaining()).into_owned())
                 }
@@ -216,19 +222,29 @@ impl Handshake {
         let mut out = Vec::new();
         for r in self.option_ok(option, &meta_payload(name, queries))? {
             let mut c = Cursor::new(&r.payload);
-            let id = c.u32().ok_or_else(|| protocol("short META_CONTEXT reply"))?;
+            let id = c
+                .u32()
+                .ok_or_else(|| protocol("short META_CONTEXT reply"))?;
             out.push((id, String::from_utf8_lossy(c.remaining()).into_owned()));
         }
         Ok(out)
     }
 
     /// NBD_OPT_LIST_META_CONTEXT.
-    pub fn list_meta_contexts(&mut self, name: &str, queries: &[&str]) -> Result<Vec<(u32, String)>> {
+    pub fn list_meta_contexts(
+        &mut self,
+        name: &str,
+        queries: &[&str],
+    ) -> Result<Vec<(u32, String)>> {
         self.meta(proto::OPT_LIST_META_CONTEXT, name, queries)
     }
 
     /// NBD_OPT_SET_META_CONTEXT; the selection is used by the following GO for `name`.
-    pub fn set_meta_contexts(&mut self, name: &str, queries: &[&str]) -> Result<Vec<(u32, String)>> {
+    pub fn set_meta_contexts(
+        &mut self,
+        name: &str,
+        queries: &[&str],
+    ) -> Result<Vec<(u32, String)>> {
         let set = self.meta(proto::OPT_SET_META_CONTEXT, name, queries)?;
         self.contexts = set.clone();
         Ok(set)
@@ -242,7 +258,10 @@ impl Handshake {
 
     /// NBD_OPT_EXPORT_NAME (old-style selection without error replies).
     pub fn export_name(mut self, name: &str) -> Result<Client> {
-        self.stream.write_all(&proto::option_request(proto::OPT_EXPORT_NAME, name.as_bytes()))?;
+        self.stream.write_all(&proto::option_request(
+            proto::OPT_EXPORT_NAME,
+            name.as_bytes(),
+        ))?;
         let mut b = [0u8; 10];
         self.stream.read_exact(&mut b)?;
         if !self.no_zeroes {
@@ -319,7 +338,12 @@ pub struct Client {
 impl Client {
     /// Connect with structured replies (and extended headers if `extended`), select the given
     /// metadata contexts and GO to `name`.
-    pub fn connect(stream: Box<dyn Stream>, name: &str, extended: bool, contexts: &[&str]) -> Result<Self> {
+    pub fn connect(
+        stream: Box<dyn Stream>,
+        name: &str,
+        extended: bool,
+        contexts: &[&str],
+    ) -> Result<Self> {
         let mut h = Handshake::start(stream)?;
         if extended {
             h.extended_headers()?;
@@ -349,11 +373,22 @@ impl Client {
 
     /// Send one request without waiting; returns its cookie. `payload` goes after the header
     /// (WRITE data); in extended mode a payload sets PAYLOAD_LEN and `length` is ignored.
-    pub fn send_request(&mut self, flags: u16, command: u16, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
+    pub fn send_request(
+        &mut self,
+        flags: u16,
+        command: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<u64> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let (flags, length) = if !payload.is_empty() {
-            let f = if self.extended { flags | proto::CMD_FLAG_PAYLOAD_LEN } else { flags };
+            let f = if self.extended {
+                flags | proto::CMD_FLAG_PAYLOAD_LEN
+            } else {
+                flags
+            };
             (f, payload.len() as u64)
         } else {
             (flags, length)
@@ -462,8 +497,9 @@ impl Client {
                 let start = offset
                     .checked_sub(p.offset)
                     .filter(|s| s.checked_add(len).is_some_and(|e| e <= p.length))
-                    .ok_or_else(|| protocol(format!("read chunk {offset}+{len} outside the request")))?
-                    as usize;
+                    .ok_or_else(|| {
+                        protocol(format!("read chunk {offset}+{len} outside the request"))
+                    })? as usize;
                 let target = &mut p.reply.data[start..start + len as usize];
                 if chunk_type == proto::REPLY_TYPE_OFFSET_DATA {
                     target.copy_from_slice(c.remaining());
@@ -504,11 +540,21 @@ impl Client {
         Ok(())
     }
 
-    fn call(&mut self, flags: u16, command: u16, offset: u64, length: u64, payload: &[u8]) -> Result<Reply> {
+    fn call(
+        &mut self,
+        flags: u16,
+        command: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<Reply> {
         let cookie = self.send_request(flags, command, offset, length, payload)?;
         let reply = self.receive_reply()?;
         if reply.cookie != cookie {
-            return Err(protocol(format!("expected reply {cookie}, got {}", reply.cookie)));
+            return Err(protocol(format!(
+                "expected reply {cookie}, got {}",
+                reply.cookie
+            )));
         }
         match reply.error {
             Some((errno, message)) => Err(Error::Command {
@@ -522,7 +568,9 @@ impl Client {
 
     /// NBD_CMD_READ.
     pub fn read(&mut self, offset: u64, length: u32, flags: u16) -> Result<Vec<u8>> {
-        Ok(self.call(flags, proto::CMD_READ, offset, u64::from(length), &[])?.data)
+        Ok(self
+            .call(flags, proto::CMD_READ, offset, u64::from(length), &[])?
+            .data)
     }
 
     /// NBD_CMD_READ returning the whole reply (chunk types included).
@@ -532,7 +580,8 @@ impl Client {
 
     /// NBD_CMD_WRITE.
     pub fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> Result<()> {
-        self.call(flags, proto::CMD_WRITE, offset, data.len() as u64, data).map(drop)
+        self.call(flags, proto::CMD_WRITE, offset, data.len() as u64, data)
+            .map(drop)
     }
 
     /// NBD_CMD_FLUSH.
@@ -542,22 +591,32 @@ impl Client {
 
     /// NBD_CMD_TRIM.
     pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<()> {
-        self.call(flags, proto::CMD_TRIM, offset, length, &[]).map(drop)
+        self.call(flags, proto::CMD_TRIM, offset, length, &[])
+            .map(drop)
     }
 
     /// NBD_CMD_WRITE_ZEROES.
     pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: u16) -> Result<()> {
-        self.call(flags, proto::CMD_WRITE_ZEROES, offset, length, &[]).map(drop)
+        self.call(flags, proto::CMD_WRITE_ZEROES, offset, length, &[])
+            .map(drop)
     }
 
     /// NBD_CMD_CACHE.
     pub fn cache(&mut self, offset: u64, length: u64) -> Result<()> {
-        self.call(0, proto::CMD_CACHE, offset, length, &[]).map(drop)
+        self.call(0, proto::CMD_CACHE, offset, length, &[])
+            .map(drop)
     }
 
     /// NBD_CMD_BLOCK_STATUS: extents per selected context id.
-    pub fn block_status(&mut self, offset: u64, length: u64, flags: u16) -> Result<Vec<(u32, Vec<Extent>)>> {
-        Ok(self.call(flags, proto::CMD_BLOCK_STATUS, offset, length, &[])?.block_status)
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: u16,
+    ) -> Result<Vec<(u32, Vec<Extent>)>> {
+        Ok(self
+            .call(flags, proto::CMD_BLOCK_STATUS, offset, length, &[])?
+            .block_status)
     }
 
     /// NBD_CMD_DISC, then close.

@@ -94,8 +94,13 @@ pub trait ExportBackend: Send + Sync {
     /// Make a range read as zeroes. `may_trim`: the range may be deallocated.
     /// `fast_only`: fail with `ErrorKind::Unsupported` (NBD ENOTSUP), changing nothing, unless
     /// this is faster than writing zeroes.
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool)
-        -> io::Result<()>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> io::Result<()>;
     /// Prefetch a range; the default does nothing, which is always correct.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())

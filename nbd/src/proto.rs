@@ -618,7 +618,10 @@ mod tests {
             },
         ];
         let c = block_status_payload(false, 1, &ext);
-        assert_eq!(c, vec![0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            c,
+            vec![0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0]
+        );
         let e = block_status_payload(true, 1, &ext);
         assert_eq!(e.len(), 8 + 32);
         assert_eq!(&e[4..8], &[0, 0, 0, 2]);

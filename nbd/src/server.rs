@@ -29,7 +29,7 @@ impl Default for ServerConfig {
         Self {
             handshake_timeout: Some(Duration::from_secs(10)),
             tls: None,
-            max_in_flight: 16,
+            max_in_flight: 32,
         }
     }
 }
@@ -72,8 +72,9 @@ impl Export {
         1 + self.config.meta_contexts.len()
     }
 
-    /// Transmission flags for a client in `mode` (QSD's choice of flags).
-    pub(crate) fn transmission_flags(&self, mode: Mode) -> u16 {
+    /// Transmission flags for a client in `mode` (QSD's choice of flags); `has_contexts`:
+    /// metadata contexts are selected for this export.
+    pub(crate) fn transmission_flags(&self, mode: Mode, has_contexts: bool) -> u16 {
         let mut flags = proto::FLAG_HAS_FLAGS
             | proto::FLAG_SEND_FLUSH
             | proto::FLAG_SEND_FUA
@@ -89,6 +90,9 @@ impl Export {
         }
         if mode != Mode::Simple {
             flags |= proto::FLAG_SEND_DF;
+        }
+        if mode == Mode::Extended && has_contexts {
+            flags |= proto::FLAG_BLOCK_STATUS_PAYLOAD;
         }
         flags
     }
@@ -162,7 +166,11 @@ impl Server {
         if config.name.len() > proto::MAX_STRING {
             return Err(invalid("name longer than 4096 bytes"));
         }
-        if config.description.as_ref().is_some_and(|d| d.len() > proto::MAX_STRING) {
+        if config
+            .description
+            .as_ref()
+            .is_some_and(|d| d.len() > proto::MAX_STRING)
+        {
             return Err(invalid("description longer than 4096 bytes"));
         }
         if let Some(bad) = config
@@ -188,7 +196,12 @@ impl Server {
     /// Stop exporting `name`. `on_gone` runs once no client uses the export any more: at once
     /// if none is connected, else when the last one (disconnected by [`RemoveMode::Hard`])
     /// has finished its in-flight requests.
-    pub fn remove_export(&self, name: &str, mode: RemoveMode, on_gone: Callback) -> Result<(), Error> {
+    pub fn remove_export(
+        &self,
+        name: &str,
+        mode: RemoveMode,
+        on_gone: Callback,
+    ) -> Result<(), Error> {
         let export = {
             let mut exports = lock(&self.exports);
             let pos = exports
@@ -216,7 +229,11 @@ impl Server {
         };
         info!("NBD: removing export '{name}', disconnecting its clients");
         for entry in lock(&self.clients).table.values() {
-            if entry.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, &export)) {
+            if entry
+                .export
+                .as_ref()
+                .is_some_and(|e| Arc::ptr_eq(e, &export))
+            {
                 let _ = entry.handle.shutdown();
             }
         }
@@ -225,7 +242,10 @@ impl Server {
 
     /// Names of the exports, in creation order.
     pub fn export_names(&self) -> Vec<String> {
-        lock(&self.exports).iter().map(|e| e.config.name.clone()).collect()
+        lock(&self.exports)
+            .iter()
+            .map(|e| e.config.name.clone())
+            .collect()
     }
 
     /// Clients that have selected export `name` and are still connected.
@@ -278,19 +298,41 @@ impl Server {
             );
             id
         };
+        // Shared so that on_close still runs if the thread cannot be started.
+        let on_close = Arc::new(Mutex::new(Some(on_close)));
+        let run_close = |on_close: &Mutex<Option<Callback>>| {
+            if let Some(callback) = lock(on_close).take() {
+                callback();
+            }
+        };
         let server = Arc::clone(self);
+        let thread_close = Arc::clone(&on_close);
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-client-{id}"))
             .spawn(move || {
                 server.run_client(id, stream);
                 server.forget_client(id);
-                on_close();
+                run_close(&thread_close);
             });
         if let Err(e) = spawned {
             warn!("NBD: cannot start a thread for client {id}: {e}");
-            // The closure (and on_close with it) is gone; the entry must not linger.
             self.forget_client(id);
+            run_close(&on_close);
         }
+    }
+
+    /// Count client `id` as a user of `export`, unless the export was removed meanwhile.
+    /// Done under the export-table lock so that a concurrent safe removal sees the client.
+    fn attach(&self, id: u64, export: &Arc<Export>) -> bool {
+        let exports = lock(&self.exports);
+        if !exports.iter().any(|e| Arc::ptr_eq(e, export)) {
+            return false;
+        }
+        lock(&export.usage).clients += 1;
+        if let Some(entry) = lock(&self.clients).table.get_mut(&id) {
+            entry.export = Some(Arc::clone(export));
+        }
+        true
     }
 
     fn forget_client(&self, id: u64) {
@@ -301,8 +343,13 @@ impl Server {
     }
 
     fn run_client(&self, id: u64, stream: Box<dyn Stream>) {
-        let deadline = self.config.handshake_timeout.filter(|t| !t.is_zero()).map(|t| Instant::now() + t);
+        let deadline = self
+            .config
+            .handshake_timeout
+            .filter(|t| !t.is_zero())
+            .map(|t| Instant::now() + t);
         let mut negotiation = Negotiation {
+            id,
             server: self,
             stream,
             deadline,
@@ -316,7 +363,9 @@ impl Server {
             Ok(outcome) => outcome,
             Err(e) => {
                 match e.kind() {
-                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+                    ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::BrokenPipe => {
                         debug!("NBD client {id}: closed during negotiation: {e}")
                     }
                     _ => warn!("NBD client {id}: option negotiation failed: {e}"),
@@ -327,18 +376,6 @@ impl Server {
         let Some((export, contexts)) = outcome else {
             return;
         };
-        // Attach under the export-table lock so a concurrent safe removal sees this client.
-        {
-            let exports = lock(&self.exports);
-            if !exports.iter().any(|e| Arc::ptr_eq(e, &export)) {
-                info!("NBD client {id}: export '{}' went away during negotiation", export.config.name);
-                return;
-            }
-            lock(&export.usage).clients += 1;
-            if let Some(entry) = lock(&self.clients).table.get_mut(&id) {
-                entry.export = Some(Arc::clone(&export));
-            }
-        }
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
@@ -347,8 +384,18 @@ impl Server {
             warn!("NBD client {id}: cannot clear the handshake timeout: {e}");
             return;
         }
-        debug!("NBD client {id}: transmission on export '{}' ({mode:?})", export.config.name);
-        transmission::run(id, export, stream, mode, contexts, self.config.max_in_flight);
+        debug!(
+            "NBD client {id}: transmission on export '{}' ({mode:?})",
+            export.config.name
+        );
+        transmission::run(
+            id,
+            export,
+            stream,
+            mode,
+            contexts,
+            self.config.max_in_flight,
+        );
     }
 }
 
@@ -356,6 +403,7 @@ impl Server {
 type MetaSelection = (String, Vec<usize>);
 
 struct Negotiation<'a> {
+    id: u64,
     server: &'a Server,
     stream: Box<dyn Stream>,
     deadline: Option<Instant>,
@@ -398,21 +446,32 @@ impl Negotiation<'_> {
     }
 
     fn reply(&mut self, option: u32, reply_type: u32, payload: &[u8]) -> io::Result<()> {
-        self.stream.write_all(&proto::option_reply(option, reply_type, payload))
+        self.stream
+            .write_all(&proto::option_reply(option, reply_type, payload))
     }
 
     fn reply_err(&mut self, option: u32, reply_type: u32, message: &str) -> io::Result<()> {
         debug!("NBD: option {option} refused: {message}");
-        self.reply(option, reply_type, proto::truncate_utf8(message, proto::MAX_STRING).as_bytes())
+        self.reply(
+            option,
+            reply_type,
+            proto::truncate_utf8(message, proto::MAX_STRING).as_bytes(),
+        )
     }
 
     fn unexpected_length(&mut self, option: u32) -> io::Result<()> {
-        let msg = format!("option '{}' has unexpected length", proto::option_name(option));
+        let msg = format!(
+            "option '{}' has unexpected length",
+            proto::option_name(option)
+        );
         self.reply_err(option, proto::REP_ERR_INVALID, &msg)
     }
 
     fn find_export(&self, name: &str) -> Option<Arc<Export>> {
-        lock(&self.server.exports).iter().find(|e| e.config.name == name).cloned()
+        lock(&self.server.exports)
+            .iter()
+            .find(|e| e.config.name == name)
+            .cloned()
     }
 
     fn run(&mut self) -> io::Result<Outcome> {
@@ -422,7 +481,10 @@ impl Negotiation<'_> {
         let flags = u32::from_be_bytes(flags);
         let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
         if flags & !known != 0 {
-            return Err(protocol_error(format!("Unknown client flags {:#x} received", flags & !known)));
+            return Err(protocol_error(format!(
+                "Unknown client flags {:#x} received",
+                flags & !known
+            )));
         }
         self.fixed_newstyle = flags & proto::FLAG_C_FIXED_NEWSTYLE != 0;
         self.no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
@@ -438,7 +500,9 @@ impl Negotiation<'_> {
                 return Err(protocol_error(format!("Bad magic received: {magic:#x}")));
             }
             if length > proto::MAX_OPTION_LENGTH {
-                return Err(protocol_error(format!("option {option} length {length} is too large")));
+                return Err(protocol_error(format!(
+                    "option {option} length {length} is too large"
+                )));
             }
             let mut payload = vec![0u8; length as usize];
             self.read_full(&mut payload)?;
@@ -503,7 +567,11 @@ impl Negotiation<'_> {
                         "extended headers already negotiated",
                     )?;
                 } else if self.mode == Mode::Structured {
-                    self.reply_err(option, proto::REP_ERR_INVALID, "structured reply already negotiated")?;
+                    self.reply_err(
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "structured reply already negotiated",
+                    )?;
                 } else {
                     self.reply(option, proto::REP_ACK, &[])?;
                     self.mode = Mode::Structured;
@@ -514,7 +582,11 @@ impl Negotiation<'_> {
                 if !payload.is_empty() {
                     self.unexpected_length(option)?;
                 } else if self.mode == Mode::Extended {
-                    self.reply_err(option, proto::REP_ERR_INVALID, "extended headers already negotiated")?;
+                    self.reply_err(
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    )?;
                 } else {
                     self.reply(option, proto::REP_ACK, &[])?;
                     self.mode = Mode::Extended;
@@ -525,7 +597,10 @@ impl Negotiation<'_> {
                 self.meta_context(option, payload).map(|()| None)
             }
             _ => {
-                let msg = format!("Unsupported option {option} ({})", proto::option_name(option));
+                let msg = format!(
+                    "Unsupported option {option} ({})",
+                    proto::option_name(option)
+                );
                 self.reply_err(option, proto::REP_ERR_UNSUP, &msg)?;
                 Ok(None)
             }
@@ -547,7 +622,8 @@ impl Negotiation<'_> {
         // The TLS handshake is bounded by the remaining handshake time too.
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_duration_since(Instant::now());
-            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         }
         let plain = self.stream.try_clone()?;
         self.stream = tls.upgrade(plain)?;
@@ -560,21 +636,41 @@ impl Negotiation<'_> {
 
     fn export_name(&mut self, payload: &[u8]) -> io::Result<Outcome> {
         if self.mode == Mode::Extended {
-            return Err(protocol_error("Extended headers already negotiated, did client ignore reply?"));
+            return Err(protocol_error(
+                "Extended headers already negotiated, did client ignore reply?",
+            ));
         }
-        let name = std::str::from_utf8(payload).map_err(|_| protocol_error("export name is not UTF-8"))?;
+        let name =
+            std::str::from_utf8(payload).map_err(|_| protocol_error("export name is not UTF-8"))?;
         let Some(export) = self.find_export(name) else {
-            return Err(protocol_error(format!("export not found: '{}'", name.escape_debug())));
+            return Err(protocol_error(format!(
+                "export not found: '{}'",
+                name.escape_debug()
+            )));
         };
         let mut b = Vec::with_capacity(10 + 124);
         b.extend_from_slice(&export.backend.size().to_be_bytes());
-        b.extend_from_slice(&export.transmission_flags(self.mode).to_be_bytes());
+        let has_contexts = self.has_contexts(name);
+        b.extend_from_slice(
+            &export
+                .transmission_flags(self.mode, has_contexts)
+                .to_be_bytes(),
+        );
         if !self.no_zeroes {
             b.extend_from_slice(&[0u8; 124]);
+        }
+        if !self.server.attach(self.id, &export) {
+            return Err(protocol_error(format!("export '{name}' was removed")));
         }
         self.stream.write_all(&b)?;
         let contexts = self.selected_contexts(name);
         Ok(Some((export, contexts)))
+    }
+
+    fn has_contexts(&self, name: &str) -> bool {
+        self.meta
+            .as_ref()
+            .is_some_and(|(n, c)| n == name && !c.is_empty())
     }
 
     fn selected_contexts(&mut self, name: &str) -> Vec<usize> {
@@ -601,7 +697,11 @@ impl Negotiation<'_> {
             return Ok(None);
         };
         let Ok(name) = std::str::from_utf8(name) else {
-            self.reply_err(option, proto::REP_ERR_INVALID, "export name is not valid UTF-8")?;
+            self.reply_err(
+                option,
+                proto::REP_ERR_INVALID,
+                "export name is not valid UTF-8",
+            )?;
             return Ok(None);
         };
         let Some(export) = self.find_export(name) else {
@@ -627,8 +727,17 @@ impl Negotiation<'_> {
             proto::MAX_PAYLOAD,
         );
         self.reply(option, proto::REP_INFO, &sizes)?;
-        let flags = export.transmission_flags(self.mode);
-        self.reply(option, proto::REP_INFO, &proto::info_export(export.backend.size(), flags))?;
+        let flags = export.transmission_flags(self.mode, self.has_contexts(name));
+        self.reply(
+            option,
+            proto::REP_INFO,
+            &proto::info_export(export.backend.size(), flags),
+        )?;
+        if option == proto::OPT_GO && !self.server.attach(self.id, &export) {
+            let msg = format!("export '{name}' not present");
+            self.reply_err(option, proto::REP_ERR_UNKNOWN, &msg)?;
+            return Ok(None);
+        }
         self.reply(option, proto::REP_ACK, &[])?;
         if option == proto::OPT_INFO {
             return Ok(None);
@@ -643,7 +752,8 @@ impl Negotiation<'_> {
             // Any SET, even a failing one, replaces the previous selection.
             self.meta = None;
             if self.mode == Mode::Simple {
-                let msg = "request option 'set meta context' when structured reply is not negotiated";
+                let msg =
+                    "request option 'set meta context' when structured reply is not negotiated";
                 return self.reply_err(option, proto::REP_ERR_INVALID, msg);
             }
         }
@@ -663,7 +773,11 @@ impl Negotiation<'_> {
             return self.unexpected_length(option);
         };
         let Ok(name) = std::str::from_utf8(name) else {
-            return self.reply_err(option, proto::REP_ERR_INVALID, "export name is not valid UTF-8");
+            return self.reply_err(
+                option,
+                proto::REP_ERR_INVALID,
+                "export name is not valid UTF-8",
+            );
         };
         let Some(export) = self.find_export(name) else {
             let msg = format!("export '{name}' not present");

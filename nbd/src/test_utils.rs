@@ -75,7 +75,11 @@ impl MemBackend {
 
     /// A copy of the whole disk.
     pub fn contents(&self) -> Vec<u8> {
-        self.disk.read().unwrap_or_else(|p| p.into_inner()).data.clone()
+        self.disk
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .data
+            .clone()
     }
 
     fn checked(&self, offset: u64, len: u64, size: usize) -> io::Result<(usize, usize)> {
@@ -98,7 +102,11 @@ impl MemBackend {
             disk.allocated[b] = !deallocate;
         }
         // A partial block at the end of the disk counts as whole.
-        if deallocate && offset + len == size && size % BLOCK != 0 && offset <= size - size % BLOCK {
+        if deallocate
+            && offset + len == size
+            && !size.is_multiple_of(BLOCK)
+            && offset <= size - size % BLOCK
+        {
             if let Some(tail) = disk.allocated.last_mut() {
                 *tail = false;
             }
@@ -114,7 +122,11 @@ impl MemBackend {
 
 impl ExportBackend for MemBackend {
     fn size(&self) -> u64 {
-        self.disk.read().unwrap_or_else(|p| p.into_inner()).data.len() as u64
+        self.disk
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .data
+            .len() as u64
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -151,7 +163,13 @@ impl ExportBackend for MemBackend {
         self.zero(offset, len, true)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         if fast_only && !may_trim {
             return Err(io::Error::new(
                 ErrorKind::Unsupported,
@@ -163,10 +181,9 @@ impl ExportBackend for MemBackend {
 
     fn block_status(&self, context: usize, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         if context > 0 {
-            let map = self
-                .extra_maps
-                .get(context - 1)
-                .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, format!("no context {context}")))?;
+            let map = self.extra_maps.get(context - 1).ok_or_else(|| {
+                io::Error::new(ErrorKind::InvalidInput, format!("no context {context}"))
+            })?;
             let mut pos = 0u64;
             let mut out = Vec::new();
             for e in map {
@@ -176,10 +193,16 @@ impl ExportBackend for MemBackend {
                     continue;
                 }
                 let length = t.min(offset + len) - s.max(offset);
-                out.push(Extent { length, flags: e.flags });
+                out.push(Extent {
+                    length,
+                    flags: e.flags,
+                });
             }
             if out.is_empty() {
-                out.push(Extent { length: len, flags: 0 });
+                out.push(Extent {
+                    length: len,
+                    flags: 0,
+                });
             }
             return Ok(out);
         }
@@ -191,10 +214,17 @@ impl ExportBackend for MemBackend {
         while pos < end {
             let block = (pos / BLOCK) as usize;
             let block_end = ((block as u64 + 1) * BLOCK).min(end);
-            let flags = if disk.allocated[block] { 0 } else { STATE_HOLE | STATE_ZERO };
+            let flags = if disk.allocated[block] {
+                0
+            } else {
+                STATE_HOLE | STATE_ZERO
+            };
             match out.last_mut() {
                 Some(last) if last.flags == flags => last.length += block_end - pos,
-                _ => out.push(Extent { length: block_end - pos, flags }),
+                _ => out.push(Extent {
+                    length: block_end - pos,
+                    flags,
+                }),
             }
             pos = block_end;
         }
@@ -214,16 +244,37 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Extent { length: BLOCK, flags: 3 },
-                Extent { length: BLOCK, flags: 0 },
-                Extent { length: 14 * BLOCK, flags: 3 },
+                Extent {
+                    length: BLOCK,
+                    flags: 3
+                },
+                Extent {
+                    length: BLOCK,
+                    flags: 0
+                },
+                Extent {
+                    length: 14 * BLOCK,
+                    flags: 3
+                },
             ]
         );
         m.write_zeroes(0, 4 * BLOCK, true, true).unwrap();
-        assert_eq!(m.block_status(0, 0, 4 * BLOCK).unwrap(), vec![Extent { length: 4 * BLOCK, flags: 3 }]);
+        assert_eq!(
+            m.block_status(0, 0, 4 * BLOCK).unwrap(),
+            vec![Extent {
+                length: 4 * BLOCK,
+                flags: 3
+            }]
+        );
         assert!(m.write_zeroes(0, BLOCK, false, true).is_err());
         m.write_zeroes(0, BLOCK, false, false).unwrap();
-        assert_eq!(m.block_status(0, 0, BLOCK).unwrap(), vec![Extent { length: BLOCK, flags: 0 }]);
+        assert_eq!(
+            m.block_status(0, 0, BLOCK).unwrap(),
+            vec![Extent {
+                length: BLOCK,
+                flags: 0
+            }]
+        );
         let mut buf = [9u8; 8];
         m.read_at(&mut buf, BLOCK + 4).unwrap();
         assert_eq!(buf, [0; 8]);

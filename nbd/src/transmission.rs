@@ -192,7 +192,12 @@ fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool>
     while done < buf.len() {
         match reader.read(&mut buf[done..]) {
             Ok(0) if done == 0 => return Ok(false),
-            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "truncated request header")),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "truncated request header",
+                ))
+            }
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -233,15 +238,23 @@ impl Session {
             if !read_exact_or_eof(reader, &mut b)? {
                 return Ok(None);
             }
-            RequestHeader::decode_extended(&b)
-                .ok_or_else(|| invalid(format!("invalid magic (got {:#x})", u32::from_be_bytes([b[0], b[1], b[2], b[3]]))))?
+            RequestHeader::decode_extended(&b).ok_or_else(|| {
+                invalid(format!(
+                    "invalid magic (got {:#x})",
+                    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+                ))
+            })?
         } else {
             let mut b = [0u8; proto::REQUEST_SIZE];
             if !read_exact_or_eof(reader, &mut b)? {
                 return Ok(None);
             }
-            RequestHeader::decode_compact(&b)
-                .ok_or_else(|| invalid(format!("invalid magic (got {:#x})", u32::from_be_bytes([b[0], b[1], b[2], b[3]]))))?
+            RequestHeader::decode_compact(&b).ok_or_else(|| {
+                invalid(format!(
+                    "invalid magic (got {:#x})",
+                    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+                ))
+            })?
         };
         if header.command == proto::CMD_DISC {
             debug!("NBD client {}: disconnect requested", self.id);
@@ -271,15 +284,35 @@ impl Session {
     }
 
     fn handle(&self, request: Request) {
-        let h = request.header;
+        let mut h = request.header;
+        let mut contexts = None;
+        if h.command == proto::CMD_BLOCK_STATUS && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
+            match self.status_payload(&request.payload) {
+                Ok((effect_length, subset)) => {
+                    h.length = effect_length;
+                    h.flags &= !proto::CMD_FLAG_PAYLOAD_LEN;
+                    contexts = Some(subset);
+                }
+                Err(msg) => {
+                    self.send_error(&h, proto::EINVAL, &msg);
+                    return self.give_buffer(request.payload);
+                }
+            }
+        }
         match self.validate(&h) {
             Err((errno, msg)) => {
-                debug!("NBD client {}: {} request refused: {msg}", self.id, proto::command_name(h.command));
+                debug!(
+                    "NBD client {}: {} request refused: {msg}",
+                    self.id,
+                    proto::command_name(h.command)
+                );
                 self.send_error(&h, errno, &msg);
             }
             Ok(()) => match h.command {
                 proto::CMD_READ => self.read(&h),
-                proto::CMD_BLOCK_STATUS => self.block_status(&h),
+                proto::CMD_BLOCK_STATUS => {
+                    self.block_status(&h, contexts.as_deref().unwrap_or(&self.contexts))
+                }
                 _ => match self.execute(&h, &request.payload) {
                     Ok(()) => self.send_done(&h),
                     Err(e) => {
@@ -302,20 +335,48 @@ impl Session {
         self.give_buffer(request.payload);
     }
 
+    /// Decode a BLOCK_STATUS payload (extended headers): effect length, then the ids of the
+    /// selected contexts wanted in the reply.
+    fn status_payload(&self, payload: &[u8]) -> Result<(u64, Vec<usize>), String> {
+        let mut c = proto::Cursor::new(payload);
+        let effect_length = c.u64().ok_or("block status payload too short")?;
+        let mut wanted = Vec::new();
+        while let Some(id) = c.u32() {
+            let id = id as usize;
+            if !self.contexts.contains(&id) {
+                return Err(format!("block status payload names unknown context {id}"));
+            }
+            if !wanted.contains(&id) {
+                wanted.push(id);
+            }
+        }
+        if !c.remaining().is_empty() || wanted.is_empty() {
+            return Err("block status payload has an invalid length".to_string());
+        }
+        Ok((effect_length, wanted))
+    }
+
     fn validate(&self, h: &RequestHeader) -> Result<(), CommandError> {
         let name = proto::command_name(h.command);
         let mut allowed = proto::CMD_FLAG_FUA;
         match h.command {
             proto::CMD_READ if self.mode != Mode::Simple => allowed |= proto::CMD_FLAG_DF,
             proto::CMD_WRITE if self.extended() => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
-            proto::CMD_WRITE_ZEROES => allowed |= proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+            proto::CMD_WRITE_ZEROES => {
+                allowed |= proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
+            }
             proto::CMD_BLOCK_STATUS => allowed |= proto::CMD_FLAG_REQ_ONE,
             proto::CMD_READ
             | proto::CMD_WRITE
             | proto::CMD_FLUSH
             | proto::CMD_TRIM
             | proto::CMD_CACHE => {}
-            other => return Err((proto::EINVAL, format!("invalid request type ({other}) received"))),
+            other => {
+                return Err((
+                    proto::EINVAL,
+                    format!("invalid request type ({other}) received"),
+                ))
+            }
         }
         if h.flags & !allowed != 0 {
             return Err((
@@ -326,14 +387,23 @@ impl Session {
         if h.command == proto::CMD_READ && h.length > u64::from(proto::MAX_PAYLOAD) {
             return Err((
                 proto::EINVAL,
-                format!("len ({}) is larger than max len ({})", h.length, proto::MAX_PAYLOAD),
+                format!(
+                    "len ({}) is larger than max len ({})",
+                    h.length,
+                    proto::MAX_PAYLOAD
+                ),
             ));
         }
-        let writes = matches!(h.command, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
+        let writes = matches!(
+            h.command,
+            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+        );
         if writes && self.export.config.read_only {
             return Err((proto::EPERM, "Export is read-only".to_string()));
         }
-        if h.command != proto::CMD_FLUSH && (h.offset > self.size || h.length > self.size - h.offset) {
+        if h.command != proto::CMD_FLUSH
+            && (h.offset > self.size || h.length > self.size - h.offset)
+        {
             let errno = if matches!(h.command, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
                 proto::ENOSPC
             } else {
@@ -381,7 +451,10 @@ impl Session {
                 Ok(())
             }
             proto::CMD_CACHE => backend.cache(h.offset, h.length),
-            _ => Err(io::Error::new(ErrorKind::InvalidInput, "unexpected command")),
+            _ => Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "unexpected command",
+            )),
         }
     }
 
@@ -390,7 +463,11 @@ impl Session {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        let mut slices: Vec<IoSlice<'_>> = parts.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p))
+            .collect();
         let mut slices: &mut [IoSlice<'_>] = &mut slices;
         let mut writer = lock(&self.writer);
         while !slices.is_empty() {
@@ -417,8 +494,21 @@ impl Session {
         let _ = writer.shutdown();
     }
 
-    fn chunk(&self, flags: u16, chunk_type: u16, h: &RequestHeader, payload_len: u64) -> ([u8; 32], usize) {
-        proto::chunk_header(self.extended(), flags, chunk_type, h.cookie, h.offset, payload_len)
+    fn chunk(
+        &self,
+        flags: u16,
+        chunk_type: u16,
+        h: &RequestHeader,
+        payload_len: u64,
+    ) -> ([u8; 32], usize) {
+        proto::chunk_header(
+            self.extended(),
+            flags,
+            chunk_type,
+            h.cookie,
+            h.offset,
+            payload_len,
+        )
     }
 
     /// Successful reply without data.
@@ -436,7 +526,12 @@ impl Session {
             self.send(&[&proto::simple_reply(errno, h.cookie)]);
         } else {
             let payload = proto::error_payload(errno, message);
-            let (b, n) = self.chunk(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, h, payload.len() as u64);
+            let (b, n) = self.chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_ERROR,
+                h,
+                payload.len() as u64,
+            );
             self.send(&[&b[..n], &payload]);
         }
     }
@@ -446,7 +541,11 @@ impl Session {
         if h.flags & proto::CMD_FLAG_FUA != 0 {
             // QEMU flushes before a FUA read; keep its behaviour.
             if let Err(e) = backend.flush() {
-                return self.send_error(h, proto::errno_of(&e), &format!("flush before read failed: {e}"));
+                return self.send_error(
+                    h,
+                    proto::errno_of(&e),
+                    &format!("flush before read failed: {e}"),
+                );
             }
         }
         let len = h.length as usize;
@@ -462,14 +561,19 @@ impl Session {
         };
         let result = match &segments {
             None => backend.read_at(&mut buf, h.offset),
-            Some(segments) => segments
-                .iter()
-                .filter(|s| !s.zero)
-                .try_for_each(|s| backend.read_at(&mut buf[s.start..s.start + s.len], h.offset + s.start as u64)),
+            Some(segments) => segments.iter().filter(|s| !s.zero).try_for_each(|s| {
+                backend.read_at(
+                    &mut buf[s.start..s.start + s.len],
+                    h.offset + s.start as u64,
+                )
+            }),
         };
         match (result, segments) {
             (Err(e), _) => {
-                let msg = format!("reading from export '{}' failed: {e}", self.export.config.name);
+                let msg = format!(
+                    "reading from export '{}' failed: {e}",
+                    self.export.config.name
+                );
                 debug!("NBD client {}: {msg}", self.id);
                 self.send_error(h, proto::errno_of(&e), &msg);
             }
@@ -477,7 +581,12 @@ impl Session {
                 self.send(&[&proto::simple_reply(0, h.cookie), &buf]);
             }
             (Ok(()), None) => {
-                let (b, n) = self.chunk(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, h, 8 + len as u64);
+                let (b, n) = self.chunk(
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_OFFSET_DATA,
+                    h,
+                    8 + len as u64,
+                );
                 self.send(&[&b[..n], &h.offset.to_be_bytes(), &buf]);
             }
             (Ok(()), Some(segments)) => self.send_sparse(h, &segments, &buf),
@@ -488,7 +597,11 @@ impl Session {
     fn send_sparse(&self, h: &RequestHeader, segments: &[Segment], buf: &[u8]) {
         let mut heads: Vec<Vec<u8>> = Vec::with_capacity(segments.len());
         for (i, s) in segments.iter().enumerate() {
-            let flags = if i + 1 == segments.len() { proto::REPLY_FLAG_DONE } else { 0 };
+            let flags = if i + 1 == segments.len() {
+                proto::REPLY_FLAG_DONE
+            } else {
+                0
+            };
             let offset = h.offset + s.start as u64;
             let (chunk_type, payload_len) = if s.zero {
                 (proto::REPLY_TYPE_OFFSET_HOLE, 12)
@@ -516,7 +629,9 @@ impl Session {
     /// Split a read into zero and data segments from `base:allocation`, or `None` when the
     /// whole range is data (or the status is unknown, or too fragmented to be worth it).
     fn zero_segments(&self, offset: u64, len: u64) -> Option<Vec<Segment>> {
-        let extents = self.collect_extents(0, offset, len, MAX_READ_SEGMENTS + 1).ok()?;
+        let extents = self
+            .collect_extents(0, offset, len, MAX_READ_SEGMENTS + 1)
+            .ok()?;
         let mut segments: Vec<Segment> = Vec::new();
         let mut start = 0usize;
         for e in extents {
@@ -535,7 +650,13 @@ impl Session {
 
     /// Extents of context `index` over `[offset, offset + len)`: merged, clipped to the range,
     /// at most `limit` of them (the last one may then cover less than the rest of the range).
-    fn collect_extents(&self, index: usize, offset: u64, len: u64, limit: usize) -> io::Result<Vec<Extent>> {
+    fn collect_extents(
+        &self,
+        index: usize,
+        offset: u64,
+        len: u64,
+        limit: usize,
+    ) -> io::Result<Vec<Extent>> {
         let end = offset + len;
         let mut pos = offset;
         let mut out: Vec<Extent> = Vec::new();
@@ -551,7 +672,10 @@ impl Session {
                 match out.last_mut() {
                     Some(last) if last.flags == e.flags => last.length += length,
                     _ if count == limit => break 'outer,
-                    _ => out.push(Extent { length, flags: e.flags }),
+                    _ => out.push(Extent {
+                        length,
+                        flags: e.flags,
+                    }),
                 }
                 pos += length;
                 if pos == end {
@@ -570,25 +694,36 @@ impl Session {
         Ok(out)
     }
 
-    fn block_status(&self, h: &RequestHeader) {
-        let limit = if h.flags & proto::CMD_FLAG_REQ_ONE != 0 { 1 } else { proto::MAX_EXTENTS };
+    fn block_status(&self, h: &RequestHeader, contexts: &[usize]) {
+        let limit = if h.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            proto::MAX_EXTENTS
+        };
         let chunk_type = if self.extended() {
             proto::REPLY_TYPE_BLOCK_STATUS_EXT
         } else {
             proto::REPLY_TYPE_BLOCK_STATUS
         };
-        let mut chunks = Vec::with_capacity(self.contexts.len());
-        for (i, &index) in self.contexts.iter().enumerate() {
+        let mut chunks = Vec::with_capacity(contexts.len());
+        for (i, &index) in contexts.iter().enumerate() {
             let extents = match self.collect_extents(index, h.offset, h.length, limit) {
                 Ok(e) => e,
                 Err(e) => {
-                    let msg = format!("block status of export '{}' failed: {e}", self.export.config.name);
+                    let msg = format!(
+                        "block status of export '{}' failed: {e}",
+                        self.export.config.name
+                    );
                     debug!("NBD client {}: {msg}", self.id);
                     return self.send_error(h, proto::errno_of(&e), &msg);
                 }
             };
             let payload = proto::block_status_payload(self.extended(), index as u32, &extents);
-            let flags = if i + 1 == self.contexts.len() { proto::REPLY_FLAG_DONE } else { 0 };
+            let flags = if i + 1 == contexts.len() {
+                proto::REPLY_FLAG_DONE
+            } else {
+                0
+            };
             let (b, n) = self.chunk(flags, chunk_type, h, payload.len() as u64);
             let mut chunk = b[..n].to_vec();
             chunk.extend_from_slice(&payload);

@@ -29,12 +29,23 @@ fn nbdinfo_json_list_and_map() {
     }
     let f = Fixture::new(nbd::ServerConfig::default());
     let backend = Arc::new(MemBackend::new(MIB).with_context_map(vec![
-        Extent { length: 65536, flags: 2 },
-        Extent { length: MIB - 65536, flags: 0 },
+        Extent {
+            length: 65536,
+            flags: 2,
+        },
+        Extent {
+            length: MIB - 65536,
+            flags: 0,
+        },
     ]));
     backend.write_at(&[0x11; 196608], 0, false).unwrap();
     backend.write_at(&[0x55; 4096], 524288, false).unwrap();
-    f.add("top", false, Arc::clone(&backend), &["qemu:allocation-depth"]);
+    f.add(
+        "top",
+        false,
+        Arc::clone(&backend),
+        &["qemu:allocation-depth"],
+    );
     f.add("ro", true, Arc::new(MemBackend::new(MIB)), &[]);
 
     let v = nbdinfo_json(&f.uri("top"));
@@ -45,7 +56,10 @@ fn nbdinfo_json_list_and_map() {
     assert_eq!(e["export-name"], "top");
     assert_eq!(e["description"], "test export top");
     assert_eq!(e["export-size"], MIB);
-    assert_eq!(e["contexts"], serde_json::json!(["base:allocation", "qemu:allocation-depth"]));
+    assert_eq!(
+        e["contexts"],
+        serde_json::json!(["base:allocation", "qemu:allocation-depth"])
+    );
     for (key, want) in [
         ("is_rotational", false),
         ("is_read_only", false),
@@ -68,7 +82,10 @@ fn nbdinfo_json_list_and_map() {
     assert_eq!(ro["exports"][0]["is_read_only"], true);
     assert_eq!(ro["exports"][0]["can_trim"], false);
 
-    let list = run(Command::new("nbdinfo").arg("--list").arg("--json").arg(f.uri("")));
+    let list = run(Command::new("nbdinfo")
+        .arg("--list")
+        .arg("--json")
+        .arg(f.uri("")));
     let list: Value = serde_json::from_str(&list).unwrap();
     let names: Vec<&str> = list["exports"]
         .as_array()
@@ -85,17 +102,40 @@ fn nbdinfo_json_list_and_map() {
         .collect();
     assert_eq!(
         rows,
-        [["0", "196608", "0"], ["196608", "327680", "3"], ["524288", "4096", "0"], ["528384", "520192", "3"]]
+        [
+            ["0", "196608", "0"],
+            ["196608", "327680", "3"],
+            ["524288", "4096", "0"],
+            ["528384", "520192", "3"]
+        ]
     );
-    let depth = run(Command::new("nbdinfo").arg("--map=qemu:allocation-depth").arg(f.uri("top")));
-    assert!(depth.lines().next().unwrap().split_whitespace().eq(["0", "65536", "2", "backing", "depth", "2"]), "{depth}");
+    let depth = run(Command::new("nbdinfo")
+        .arg("--map=qemu:allocation-depth")
+        .arg(f.uri("top")));
+    assert!(
+        depth
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["0", "65536", "2", "backing", "depth", "2"]),
+        "{depth}"
+    );
 
     let content = run(Command::new("nbdinfo").arg("--content").arg(f.uri("top")));
     assert!(content.contains("content:"), "{content}");
 
-    let missing = Command::new("nbdinfo").arg(f.uri("nosuch")).output().unwrap();
+    let missing = Command::new("nbdinfo")
+        .arg(f.uri("nosuch"))
+        .output()
+        .unwrap();
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("export 'nosuch' not present"));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    // What nbdinfo prints for QSD too (libnbd 1.14 maps ERR_UNKNOWN to ENOENT).
+    assert!(
+        stderr.contains("No such file or directory for export: nosuch"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -104,7 +144,10 @@ fn python_libnbd() {
         eprintln!("SKIP: {PYTHON} is not installed");
         return;
     }
-    let probe = Command::new(PYTHON).args(["-c", "import nbd"]).output().unwrap();
+    let probe = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .output()
+        .unwrap();
     if !probe.status.success() {
         eprintln!("SKIP: python3-libnbd is not installed");
         return;
@@ -151,18 +194,23 @@ assert entries[0][0] == "base:allocation", entries
 assert entries[0][1][:4] == [65536, 0, (1 << 20) - 65536, 3], entries
 h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO)
 assert h.pread(4096 * 2, 0) == b"\0" * 4096 + b"\xab" * 4096
+# Let the server, not libnbd, judge the bounds.
+h.set_strict_mode(0)
 try:
     h.pread(2, (8 << 20) - 1)
     sys.exit("read past the end succeeded")
 except nbd.Error as e:
-    assert e.errno == 22, e
+    assert "out of bounds" not in str(e) and "Invalid argument" in str(e), str(e)
 h.flush()
 h.shutdown()
 print("ok")
 "#;
     let out = run(Command::new(PYTHON).args(["-c", script, &f.uri("e")]));
     assert_eq!(out.trim(), "ok");
-    assert_eq!(&backend.contents()[(1 << 20) + 4096 * 5..(1 << 20) + 4096 * 6], &[5u8; 4096]);
+    assert_eq!(
+        &backend.contents()[(1 << 20) + 4096 * 5..(1 << 20) + 4096 * 6],
+        &[5u8; 4096]
+    );
 }
 
 #[test]
@@ -197,24 +245,47 @@ fn qemu_io_and_qemu_img() {
     assert_eq!(&backend.contents()[..65536], &[0xab; 65536]);
     // The same writes on a local file: the images must compare equal.
     let file = f.dir.path().join("ref.raw");
-    run(Command::new("qemu-img").args(["create", "-f", "raw"]).arg(&file).arg("4M"));
-    run(Command::new("qemu-io").args(["-f", "raw"]).arg(&file).args([
-        "-c",
-        "write -P 0xab 0 64k",
-        "-c",
-        "write -P 0xcd 1M 1M",
-        "-c",
-        "write -z 1536k 64k",
-    ]));
-    let cmp = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&file).arg(&uri));
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&file)
+        .arg("4M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&file)
+        .args([
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "write -P 0xcd 1M 1M",
+            "-c",
+            "write -z 1536k 64k",
+        ]));
+    let cmp = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&file)
+        .arg(&uri));
     assert!(cmp.contains("Images are identical"), "{cmp}");
     // qemu-img map reads base:allocation (qemu 10 negotiates extended headers).
     let map = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
     let map: Value = serde_json::from_str(&map).unwrap();
     let first = &map[0];
-    assert_eq!((first["start"].as_u64(), first["length"].as_u64(), first["data"].as_bool()), (Some(0), Some(65536), Some(true)));
+    assert_eq!(
+        (
+            first["start"].as_u64(),
+            first["length"].as_u64(),
+            first["data"].as_bool()
+        ),
+        (Some(0), Some(65536), Some(true))
+    );
     let second = &map[1];
-    assert_eq!((second["start"].as_u64(), second["zero"].as_bool(), second["data"].as_bool()), (Some(65536), Some(true), Some(false)));
+    assert_eq!(
+        (
+            second["start"].as_u64(),
+            second["zero"].as_bool(),
+            second["data"].as_bool()
+        ),
+        (Some(65536), Some(true), Some(false))
+    );
 }
 
 /// Start QSD with a null-co export like the brief's reference run; `None` if it cannot run.

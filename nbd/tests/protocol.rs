@@ -23,7 +23,9 @@ fn errno(r: Result<impl std::fmt::Debug, Error>) -> u32 {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -39,7 +41,14 @@ fn flags_block_sizes_and_info() {
         ]
     );
     let ro = h
-        .info("ro", &[proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE])
+        .info(
+            "ro",
+            &[
+                proto::INFO_NAME,
+                proto::INFO_DESCRIPTION,
+                proto::INFO_BLOCK_SIZE,
+            ],
+        )
         .unwrap();
     assert_eq!(ro.flags, 0x50f, "QSD's read-only flags");
     assert_eq!(ro.size, MIB);
@@ -49,9 +58,16 @@ fn flags_block_sizes_and_info() {
     let rw = h.info("rw", &[]).unwrap();
     assert_eq!(rw.flags, 0xd6d, "QSD's writable flags");
     assert_eq!(rw.name, None);
-    assert!(rw.block_sizes.is_some(), "block sizes are sent even when not asked for");
+    assert!(
+        rw.block_sizes.is_some(),
+        "block sizes are sent even when not asked for"
+    );
     h.structured_replies().unwrap();
-    assert_eq!(h.info("rw", &[]).unwrap().flags, 0xded, "SEND_DF once structured");
+    assert_eq!(
+        h.info("rw", &[]).unwrap().flags,
+        0xded,
+        "SEND_DF once structured"
+    );
     let c = h.go("rw").unwrap();
     assert_eq!(c.info().size, 4 * MIB);
     c.disconnect().unwrap();
@@ -79,11 +95,17 @@ fn option_errors_carry_qsd_texts() {
     let mut h = Handshake::start(f.connect()).unwrap();
     assert_eq!(
         option_reply(&mut h, 99, b"junk"),
-        (proto::REP_ERR_UNSUP, "Unsupported option 99 (<unknown>)".into())
+        (
+            proto::REP_ERR_UNSUP,
+            "Unsupported option 99 (<unknown>)".into()
+        )
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_PEEK_EXPORT, &[]),
-        (proto::REP_ERR_UNSUP, "Unsupported option 4 (peek export)".into())
+        (
+            proto::REP_ERR_UNSUP,
+            "Unsupported option 4 (peek export)".into()
+        )
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_STARTTLS, &[]),
@@ -91,7 +113,10 @@ fn option_errors_carry_qsd_texts() {
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_LIST, b"x"),
-        (proto::REP_ERR_INVALID, "option 'list' has unexpected length".into())
+        (
+            proto::REP_ERR_INVALID,
+            "option 'list' has unexpected length".into()
+        )
     );
     let mut info = Vec::new();
     proto::put_string32(&mut info, "nosuch");
@@ -102,10 +127,17 @@ fn option_errors_carry_qsd_texts() {
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_INFO, &info[..5]),
-        (proto::REP_ERR_INVALID, "option 'info' has unexpected length".into())
+        (
+            proto::REP_ERR_INVALID,
+            "option 'info' has unexpected length".into()
+        )
     );
     assert_eq!(
-        option_reply(&mut h, proto::OPT_SET_META_CONTEXT, &meta("e", &["base:allocation"])),
+        option_reply(
+            &mut h,
+            proto::OPT_SET_META_CONTEXT,
+            &meta("e", &["base:allocation"])
+        ),
         (
             proto::REP_ERR_INVALID,
             "request option 'set meta context' when structured reply is not negotiated".into()
@@ -113,21 +145,33 @@ fn option_errors_carry_qsd_texts() {
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_STRUCTURED_REPLY, b"x"),
-        (proto::REP_ERR_INVALID, "option 'structured reply' has unexpected length".into())
+        (
+            proto::REP_ERR_INVALID,
+            "option 'structured reply' has unexpected length".into()
+        )
     );
     h.structured_replies().unwrap();
     assert_eq!(
         option_reply(&mut h, proto::OPT_STRUCTURED_REPLY, &[]),
-        (proto::REP_ERR_INVALID, "structured reply already negotiated".into())
+        (
+            proto::REP_ERR_INVALID,
+            "structured reply already negotiated".into()
+        )
     );
     h.extended_headers().unwrap();
     assert_eq!(
         option_reply(&mut h, proto::OPT_EXTENDED_HEADERS, &[]),
-        (proto::REP_ERR_INVALID, "extended headers already negotiated".into())
+        (
+            proto::REP_ERR_INVALID,
+            "extended headers already negotiated".into()
+        )
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_STRUCTURED_REPLY, &[]),
-        (proto::REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated".into())
+        (
+            proto::REP_ERR_EXT_HEADER_REQD,
+            "extended headers already negotiated".into()
+        )
     );
     // Still usable after all those errors.
     let mut c = h.go("e").unwrap();
@@ -139,10 +183,19 @@ fn option_errors_carry_qsd_texts() {
 fn meta_context_queries_like_qemu() {
     let f = Fixture::new(ServerConfig::default());
     let backend = MemBackend::new(MIB)
-        .with_context_map(vec![Extent { length: MIB, flags: 1 }])
+        .with_context_map(vec![Extent {
+            length: MIB,
+            flags: 1,
+        }])
         .with_context_map(vec![
-            Extent { length: 65536, flags: 0 },
-            Extent { length: MIB - 65536, flags: 1 },
+            Extent {
+                length: 65536,
+                flags: 0,
+            },
+            Extent {
+                length: MIB - 65536,
+                flags: 1,
+            },
         ]);
     f.add(
         "e",
@@ -152,29 +205,59 @@ fn meta_context_queries_like_qemu() {
     );
     let mut h = Handshake::start(f.connect()).unwrap();
     let names = |v: Vec<(u32, String)>| v.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
-    let all = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"];
+    let all = [
+        "base:allocation",
+        "qemu:allocation-depth",
+        "qemu:dirty-bitmap:b0",
+    ];
     assert_eq!(names(h.list_meta_contexts("e", &[]).unwrap()), all);
-    assert_eq!(names(h.list_meta_contexts("e", &["base:"]).unwrap()), ["base:allocation"]);
-    assert_eq!(names(h.list_meta_contexts("e", &["qemu:"]).unwrap()), &all[1..]);
+    assert_eq!(
+        names(h.list_meta_contexts("e", &["base:"]).unwrap()),
+        ["base:allocation"]
+    );
+    assert_eq!(
+        names(h.list_meta_contexts("e", &["qemu:"]).unwrap()),
+        &all[1..]
+    );
     assert_eq!(
         names(h.list_meta_contexts("e", &["qemu:dirty-bitmap:"]).unwrap()),
         ["qemu:dirty-bitmap:b0"]
     );
-    assert!(h.list_meta_contexts("e", &["qemu:nope", "x-unknown:"]).unwrap().is_empty());
-    assert!(h.list_meta_contexts("e", &[]).unwrap().iter().all(|(id, _)| *id == 0));
+    assert!(h
+        .list_meta_contexts("e", &["qemu:nope", "x-unknown:"])
+        .unwrap()
+        .is_empty());
+    assert!(h
+        .list_meta_contexts("e", &[])
+        .unwrap()
+        .iter()
+        .all(|(id, _)| *id == 0));
     match h.list_meta_contexts("nosuch", &[]) {
-        Err(Error::OptionRefused { reply_type, message, .. }) => {
+        Err(Error::OptionRefused {
+            reply_type,
+            message,
+            ..
+        }) => {
             assert_eq!(reply_type, proto::REP_ERR_UNKNOWN);
             assert_eq!(message, "export 'nosuch' not present");
         }
         other => panic!("unexpected {other:?}"),
     }
     h.structured_replies().unwrap();
-    assert!(h.set_meta_contexts("e", &["qemu:"]).unwrap().is_empty(), "no wildcards in SET");
+    assert!(
+        h.set_meta_contexts("e", &["qemu:"]).unwrap().is_empty(),
+        "no wildcards in SET"
+    );
     let set = h
         .set_meta_contexts(
             "e",
-            &["qemu:dirty-bitmap:b0", "base:allocation", "qemu:nope", "qemu:allocation-depth", "foo:bar"],
+            &[
+                "qemu:dirty-bitmap:b0",
+                "base:allocation",
+                "qemu:nope",
+                "qemu:allocation-depth",
+                "foo:bar",
+            ],
         )
         .unwrap();
     assert_eq!(
@@ -191,14 +274,62 @@ fn meta_context_queries_like_qemu() {
     assert_eq!(
         status,
         vec![
-            (0, vec![Extent { length: 4096, flags: 3 }, Extent { length: 4096, flags: 0 }, Extent { length: 3 * 65536 - 8192, flags: 3 }]),
-            (1, vec![Extent { length: 3 * 65536, flags: 1 }]),
-            (2, vec![Extent { length: 65536, flags: 0 }, Extent { length: 2 * 65536, flags: 1 }]),
+            (
+                0,
+                vec![
+                    Extent {
+                        length: 4096,
+                        flags: 3
+                    },
+                    Extent {
+                        length: 4096,
+                        flags: 0
+                    },
+                    Extent {
+                        length: 3 * 65536 - 8192,
+                        flags: 3
+                    }
+                ]
+            ),
+            (
+                1,
+                vec![Extent {
+                    length: 3 * 65536,
+                    flags: 1
+                }]
+            ),
+            (
+                2,
+                vec![
+                    Extent {
+                        length: 65536,
+                        flags: 0
+                    },
+                    Extent {
+                        length: 2 * 65536,
+                        flags: 1
+                    }
+                ]
+            ),
         ]
     );
-    let one = c.block_status(0, 3 * 65536, proto::CMD_FLAG_REQ_ONE).unwrap();
-    assert_eq!(one[0].1, vec![Extent { length: 4096, flags: 3 }]);
-    assert_eq!(one[2].1, vec![Extent { length: 65536, flags: 0 }]);
+    let one = c
+        .block_status(0, 3 * 65536, proto::CMD_FLAG_REQ_ONE)
+        .unwrap();
+    assert_eq!(
+        one[0].1,
+        vec![Extent {
+            length: 4096,
+            flags: 3
+        }]
+    );
+    assert_eq!(
+        one[2].1,
+        vec![Extent {
+            length: 65536,
+            flags: 0
+        }]
+    );
     assert_eq!(errno(c.block_status(0, 0, 0)), proto::EINVAL);
     assert_eq!(errno(c.block_status(MIB - 512, 1024, 0)), proto::EINVAL);
 }
@@ -237,16 +368,22 @@ fn io_suite(c: &mut Client, backend: &MemBackend) {
     // Trim and write zeroes read back as zeroes and become holes.
     c.trim(8192, 65536, 0).unwrap();
     assert_eq!(c.read(8192, 65536, 0).unwrap(), vec![0; 65536]);
-    c.write_zeroes(8192 + 65536, 65536, proto::CMD_FLAG_FAST_ZERO).unwrap();
+    c.write_zeroes(8192 + 65536, 65536, proto::CMD_FLAG_FAST_ZERO)
+        .unwrap();
     assert_eq!(c.read(8192 + 65536, 65536, 0).unwrap(), vec![0; 65536]);
     // Fast zero that would not be fast: ENOTSUP and nothing changed.
     let before = c.read(8192 + 131072, 4096, 0).unwrap();
     assert_eq!(
-        errno(c.write_zeroes(8192 + 131072, 4096, proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO)),
+        errno(c.write_zeroes(
+            8192 + 131072,
+            4096,
+            proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
+        )),
         proto::ENOTSUP
     );
     assert_eq!(c.read(8192 + 131072, 4096, 0).unwrap(), before);
-    c.write_zeroes(8192 + 131072, 4096, proto::CMD_FLAG_NO_HOLE).unwrap();
+    c.write_zeroes(8192 + 131072, 4096, proto::CMD_FLAG_NO_HOLE)
+        .unwrap();
     assert_eq!(c.read(8192 + 131072, 4096, 0).unwrap(), vec![0; 4096]);
     c.cache(0, 65536).unwrap();
     // Bounds.
@@ -278,7 +415,11 @@ fn structured_io() {
     let r = c.read_reply(a, 4 * 4096, 0).unwrap();
     assert_eq!(
         r.chunk_types,
-        vec![proto::REPLY_TYPE_OFFSET_DATA, proto::REPLY_TYPE_OFFSET_HOLE, proto::REPLY_TYPE_OFFSET_DATA]
+        vec![
+            proto::REPLY_TYPE_OFFSET_DATA,
+            proto::REPLY_TYPE_OFFSET_HOLE,
+            proto::REPLY_TYPE_OFFSET_DATA
+        ]
     );
     let mut expect = vec![0xaa; 4096];
     expect.extend(vec![0; 8192]);
@@ -293,9 +434,18 @@ fn structured_io() {
         vec![(
             0,
             vec![
-                Extent { length: 4096, flags: 0 },
-                Extent { length: 8192, flags: 3 },
-                Extent { length: 4096, flags: 0 }
+                Extent {
+                    length: 4096,
+                    flags: 0
+                },
+                Extent {
+                    length: 8192,
+                    flags: 3
+                },
+                Extent {
+                    length: 4096,
+                    flags: 0
+                }
             ]
         )]
     );
@@ -303,7 +453,14 @@ fn structured_io() {
     match c.write(4 * MIB, b"x", 0) {
         Err(Error::Command { errno, message, .. }) => {
             assert_eq!(errno, proto::ENOSPC);
-            assert_eq!(message, format!("operation past EOF; From: {}, Len: 1, Size: {}", 4 * MIB, 4 * MIB));
+            assert_eq!(
+                message,
+                format!(
+                    "operation past EOF; From: {}, Len: 1, Size: {}",
+                    4 * MIB,
+                    4 * MIB
+                )
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -318,7 +475,11 @@ fn simple_replies_io() {
     io_suite(&mut c, &backend);
     let r = c.read_reply(0, 4096, 0).unwrap();
     assert!(r.chunk_types.is_empty(), "simple reply");
-    assert_eq!(errno(c.read(0, 4, proto::CMD_FLAG_DF)), proto::EINVAL, "DF needs structured replies");
+    assert_eq!(
+        errno(c.read(0, 4, proto::CMD_FLAG_DF)),
+        proto::EINVAL,
+        "DF needs structured replies"
+    );
 }
 
 #[test]
@@ -328,23 +489,80 @@ fn extended_headers_io() {
     assert!(c.extended());
     io_suite(&mut c, &backend);
     c.write(MIB, &[5; 4096], 0).unwrap();
-    let cookie = c.send_request(0, proto::CMD_BLOCK_STATUS, MIB - 8192, 3 * 4096, &[]).unwrap();
+    let cookie = c
+        .send_request(0, proto::CMD_BLOCK_STATUS, MIB - 8192, 3 * 4096, &[])
+        .unwrap();
     let r = c.receive_reply().unwrap();
     assert_eq!(r.cookie, cookie);
     assert_eq!(r.chunk_types, vec![proto::REPLY_TYPE_BLOCK_STATUS_EXT]);
     assert_eq!(
         r.block_status,
-        vec![(0, vec![Extent { length: 8192, flags: 3 }, Extent { length: 4096, flags: 0 }])]
+        vec![(
+            0,
+            vec![
+                Extent {
+                    length: 8192,
+                    flags: 3
+                },
+                Extent {
+                    length: 4096,
+                    flags: 0
+                }
+            ]
+        )]
+    );
+    assert_eq!(
+        c.info().flags,
+        0x1ded,
+        "QSD's flags with extended headers and contexts"
+    );
+    // BLOCK_STATUS with a payload: effect length, then the wanted context ids.
+    let mut payload = (3 * 4096u64).to_be_bytes().to_vec();
+    payload.extend_from_slice(&0u32.to_be_bytes());
+    c.send_request(0, proto::CMD_BLOCK_STATUS, MIB - 8192, 0, &payload)
+        .unwrap();
+    let r = c.receive_reply().unwrap();
+    assert_eq!(r.error, None);
+    assert_eq!(
+        r.block_status,
+        vec![(
+            0,
+            vec![
+                Extent {
+                    length: 8192,
+                    flags: 3
+                },
+                Extent {
+                    length: 4096,
+                    flags: 0
+                }
+            ]
+        )]
+    );
+    payload.extend_from_slice(&7u32.to_be_bytes());
+    c.send_request(0, proto::CMD_BLOCK_STATUS, MIB - 8192, 0, &payload)
+        .unwrap();
+    assert_eq!(
+        c.receive_reply().unwrap().error.map(|e| e.0),
+        Some(proto::EINVAL)
     );
     let cookie = c.send_request(0, proto::CMD_FLUSH, 0, 0, &[]).unwrap();
     let r = c.receive_reply().unwrap();
-    assert_eq!((r.cookie, r.chunk_types.clone()), (cookie, vec![proto::REPLY_TYPE_NONE]));
+    assert_eq!(
+        (r.cookie, r.chunk_types.clone()),
+        (cookie, vec![proto::REPLY_TYPE_NONE])
+    );
     let r = c.read_reply(MIB, 4096, 0).unwrap();
     assert_eq!(r.data, vec![5; 4096]);
     // A payload on a command that takes none is consumed and refused.
-    let cookie = c.send_request(0, proto::CMD_FLUSH, 0, 0, b"payload").unwrap();
+    let cookie = c
+        .send_request(0, proto::CMD_FLUSH, 0, 0, b"payload")
+        .unwrap();
     let r = c.receive_reply().unwrap();
-    assert_eq!((r.cookie, r.error.map(|e| e.0)), (cookie, Some(proto::EINVAL)));
+    assert_eq!(
+        (r.cookie, r.error.map(|e| e.0)),
+        (cookie, Some(proto::EINVAL))
+    );
     assert_eq!(c.read(MIB, 4, 0).unwrap(), vec![5; 4]);
     // A 64-bit effect length beyond the export is refused, not truncated.
     assert_eq!(errno(c.trim(0, (1 << 32) + 4096, 0)), proto::EINVAL);
@@ -402,7 +620,8 @@ fn malformed_handshakes_close_cleanly() {
     let mut s = f.raw();
     s.read_exact(&mut greeting).unwrap();
     s.write_all(&0u32.to_be_bytes()).unwrap();
-    s.write_all(&proto::option_request(proto::OPT_LIST, &[])).unwrap();
+    s.write_all(&proto::option_request(proto::OPT_LIST, &[]))
+        .unwrap();
     assert!(read_to_end_within(&mut s, Duration::from_secs(5)).is_empty());
     // Bad option magic.
     let mut s = f.raw();
@@ -422,7 +641,8 @@ fn malformed_handshakes_close_cleanly() {
     let mut s = f.raw();
     s.read_exact(&mut greeting).unwrap();
     s.write_all(&3u32.to_be_bytes()).unwrap();
-    s.write_all(&proto::option_request(proto::OPT_GO, b"\0\0\0\x09abc")[..20]).unwrap();
+    s.write_all(&proto::option_request(proto::OPT_GO, b"\0\0\0\x09abc")[..20])
+        .unwrap();
     drop(s);
     // ABORT is acknowledged, then closed.
     let mut h = Handshake::start(f.connect()).unwrap();
@@ -446,7 +666,10 @@ fn handshake_timeout_drops_silent_clients() {
     let got = read_to_end_within(&mut s, Duration::from_secs(10));
     assert_eq!(got, proto::greeting(), "greeting, then closed");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     // A client that finished negotiating is not affected by the timeout.
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -458,7 +681,13 @@ fn bad_transmission_input() {
     let (f, backend) = Fixture::with_export("e", false, MIB);
     // Client vanishing in the middle of a WRITE payload: nothing written, server fine.
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
-    let h = proto::RequestHeader { flags: 0, command: proto::CMD_WRITE, cookie: 1, offset: 0, length: 4096 };
+    let h = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: 4096,
+    };
     c.stream_mut().write_all(&h.encode_compact()).unwrap();
     c.stream_mut().write_all(&[0xee; 100]).unwrap();
     drop(c);
@@ -474,7 +703,10 @@ fn bad_transmission_input() {
     assert!(buf.is_empty());
     // Oversized WRITE: an error reply, then the server hangs up.
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
-    let big = proto::RequestHeader { length: 64 * MIB, ..h };
+    let big = proto::RequestHeader {
+        length: 64 * MIB,
+        ..h
+    };
     c.stream_mut().write_all(&big.encode_compact()).unwrap();
     let mut reply = [0u8; 20];
     c.stream_mut().read_exact(&mut reply).unwrap();
@@ -485,7 +717,9 @@ fn bad_transmission_input() {
     // Requests in flight when the client disappears are dropped quietly.
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
     for i in 0..8 {
-        c.send_request(0, proto::CMD_READ, i * 4096, 4096, &[]).unwrap();
+        // DF: a hole would otherwise be answered without reading.
+        c.send_request(proto::CMD_FLAG_DF, proto::CMD_READ, i * 4096, 4096, &[])
+            .unwrap();
     }
     drop(c);
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
@@ -502,7 +736,10 @@ fn bad_transmission_input() {
 
 #[test]
 fn requests_are_served_concurrently_and_out_of_order() {
-    let f = Fixture::new(ServerConfig::default());
+    let f = Fixture::new(ServerConfig {
+        max_in_flight: 32,
+        ..ServerConfig::default()
+    });
     let backend = Arc::new(MemBackend::new(MIB).with_read_delay(Duration::from_millis(100)));
     f.add("e", false, Arc::clone(&backend), &[]);
     for extended in [false, true] {
@@ -510,7 +747,10 @@ fn requests_are_served_concurrently_and_out_of_order() {
         c.write(0, &pattern(16 * 4096, 3), 0).unwrap();
         let start = Instant::now();
         let cookies: Vec<u64> = (0..16)
-            .map(|i| c.send_request(proto::CMD_FLAG_DF, proto::CMD_READ, i * 4096, 4096, &[]).unwrap())
+            .map(|i| {
+                c.send_request(proto::CMD_FLAG_DF, proto::CMD_READ, i * 4096, 4096, &[])
+                    .unwrap()
+            })
             .collect();
         // Sent after the slow reads, answered before them.
         let flush = c.send_request(0, proto::CMD_FLUSH, 0, 0, &[]).unwrap();
@@ -527,9 +767,15 @@ fn requests_are_served_concurrently_and_out_of_order() {
         }
         // The first read may be served inline by the reader (the idle fast path); the flush
         // must overtake most of the others (slack for a loaded 2-core machine).
-        assert!(flush_position.is_some_and(|p| p < 8), "flush answered at {flush_position:?}");
+        assert!(
+            flush_position.is_some_and(|p| p < 8),
+            "flush answered at {flush_position:?}"
+        );
         let took = start.elapsed();
-        assert!(took < Duration::from_millis(800), "16 reads of 100 ms took {took:?}");
+        assert!(
+            took < Duration::from_millis(800),
+            "16 reads of 100 ms took {took:?}"
+        );
     }
 }
 
@@ -548,7 +794,10 @@ fn many_clients_in_parallel() {
                 }
                 for i in 0..32u64 {
                     let off = (t * 32 + i) * 8192;
-                    assert_eq!(c.read(off, 8192, 0).unwrap(), pattern(8192, (t * 32 + i) as u8));
+                    assert_eq!(
+                        c.read(off, 8192, 0).unwrap(),
+                        pattern(8192, (t * 32 + i) as u8)
+                    );
                 }
             })
         })
@@ -562,27 +811,52 @@ fn many_clients_in_parallel() {
 fn export_management() {
     let (f, _) = Fixture::with_export("e", false, MIB);
     let dup = f.server.add_export(
-        ExportConfig { name: "e".into(), ..ExportConfig::default() },
+        ExportConfig {
+            name: "e".into(),
+            ..ExportConfig::default()
+        },
         Arc::new(MemBackend::new(MIB)),
     );
-    assert_eq!(dup.unwrap_err().to_string(), "NBD server already has export named 'e'");
+    assert_eq!(
+        dup.unwrap_err().to_string(),
+        "NBD server already has export named 'e'"
+    );
     let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
     assert_eq!(f.server.export_client_count("e"), 1);
-    let err = f.server.remove_export("e", RemoveMode::Safe, Box::new(|| {})).unwrap_err();
+    let err = f
+        .server
+        .remove_export("e", RemoveMode::Safe, Box::new(|| {}))
+        .unwrap_err();
     assert_eq!(err.to_string(), "export 'e' still in use");
     let (tx, rx) = std::sync::mpsc::channel();
-    f.server.remove_export("e", RemoveMode::Hard, Box::new(move || tx.send(()).unwrap())).unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("export gone after its client");
+    f.server
+        .remove_export(
+            "e",
+            RemoveMode::Hard,
+            Box::new(move || tx.send(()).unwrap()),
+        )
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("export gone after its client");
     assert!(c.read(0, 4, 0).is_err(), "client was disconnected");
     assert!(f.server.export_names().is_empty());
     assert_eq!(
-        f.server.remove_export("e", RemoveMode::Safe, Box::new(|| {})).unwrap_err().to_string(),
+        f.server
+            .remove_export("e", RemoveMode::Safe, Box::new(|| {}))
+            .unwrap_err()
+            .to_string(),
         "Export 'e' is not found"
     );
     // Name reusable; safe removal without clients is immediate.
     f.add("e", false, Arc::new(MemBackend::new(MIB)), &[]);
     let (tx, rx) = std::sync::mpsc::channel();
-    f.server.remove_export("e", RemoveMode::Safe, Box::new(move || tx.send(()).unwrap())).unwrap();
+    f.server
+        .remove_export(
+            "e",
+            RemoveMode::Safe,
+            Box::new(move || tx.send(()).unwrap()),
+        )
+        .unwrap();
     rx.try_recv().expect("called at once");
     // Server shutdown drops everyone and refuses newcomers.
     f.add("e", false, Arc::new(MemBackend::new(MIB)), &[]);
@@ -603,7 +877,10 @@ impl TlsUpgrade for NullTls {
 
 #[test]
 fn tls_required_mode() {
-    let f = Fixture::new(ServerConfig { tls: Some(Arc::new(NullTls)), ..ServerConfig::default() });
+    let f = Fixture::new(ServerConfig {
+        tls: Some(Arc::new(NullTls)),
+        ..ServerConfig::default()
+    });
     f.add("e0", false, Arc::new(MemBackend::new(MIB)), &[]);
     let mut h = Handshake::start(f.connect()).unwrap();
     let mut go = Vec::new();
@@ -611,13 +888,22 @@ fn tls_required_mode() {
     go.extend_from_slice(&0u16.to_be_bytes());
     assert_eq!(
         option_reply(&mut h, proto::OPT_GO, &go),
-        (proto::REP_ERR_TLS_REQD, "Option 0x7 not permitted before TLS".into())
+        (
+            proto::REP_ERR_TLS_REQD,
+            "Option 0x7 not permitted before TLS".into()
+        )
     );
     assert_eq!(
         option_reply(&mut h, proto::OPT_LIST, &[]),
-        (proto::REP_ERR_TLS_REQD, "Option 0x3 not permitted before TLS".into())
+        (
+            proto::REP_ERR_TLS_REQD,
+            "Option 0x3 not permitted before TLS".into()
+        )
     );
-    assert_eq!(option_reply(&mut h, proto::OPT_STARTTLS, &[]).0, proto::REP_ACK);
+    assert_eq!(
+        option_reply(&mut h, proto::OPT_STARTTLS, &[]).0,
+        proto::REP_ACK
+    );
     assert_eq!(
         option_reply(&mut h, proto::OPT_STARTTLS, &[]),
         (proto::REP_ERR_INVALID, "TLS already enabled".into())
@@ -630,4 +916,27 @@ fn tls_required_mode() {
     // EXPORT_NAME before TLS: hard disconnect.
     let h = Handshake::start(f.connect()).unwrap();
     assert!(h.export_name("e0").is_err());
+}
+
+#[test]
+fn in_flight_requests_are_bounded() {
+    let f = Fixture::new(ServerConfig {
+        max_in_flight: 2,
+        ..ServerConfig::default()
+    });
+    let backend = Arc::new(MemBackend::new(MIB).with_read_delay(Duration::from_millis(100)));
+    f.add("e", false, backend, &[]);
+    let mut c = Client::connect(f.connect(), "e", false, &[]).unwrap();
+    let start = Instant::now();
+    for i in 0..6 {
+        // DF: a hole would otherwise be answered without reading.
+        c.send_request(proto::CMD_FLAG_DF, proto::CMD_READ, i * 4096, 4096, &[])
+            .unwrap();
+    }
+    for _ in 0..6 {
+        assert_eq!(c.receive_reply().unwrap().error, None);
+    }
+    // At most 2 in the pool plus 1 inline: 6 reads need at least 2 rounds of 100 ms.
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(200), "{took:?}");
 }

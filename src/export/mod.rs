@@ -66,13 +66,6 @@ impl Exports {
             .map(|e| e.id.as_str())
     }
 
-    pub fn bitmap_user(&self, node: &Arc<BlockNode>, bitmap: &str) -> Option<&str> {
-        self.list
-            .iter()
-            .find(|e| Arc::ptr_eq(&e.node, node) && e.bitmaps.iter().any(|b| b == bitmap))
-            .map(|e| e.id.as_str())
-    }
-
     pub fn nbd_export_ids(&self) -> Vec<String> {
         self.list
             .iter()

@@ -1,0 +1,268 @@
+//! NBD exports of the built daemon, used by real clients (nbdinfo, nbdsh,
+//! nbdcopy, qemu-img, qemu-io, fio) and compared with qemu-storage-daemon.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{have, run, run_ok, Daemon, Impl};
+use serde_json::{json, Value};
+
+const PY: &str = "/usr/bin/python3";
+
+/// An image with data, a hole and zeroes: 8 MiB, data in the first 1 MiB and
+/// at 4 MiB, the rest sparse.
+fn make_sparse_image(path: &std::path::Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(8 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![0xa5; 1 << 20], 0).unwrap();
+    f.write_all_at(&vec![0x3c; 64 << 10], 4 << 20).unwrap();
+}
+
+/// Starts `which` serving `img.raw` as export `disk` on a unix socket and
+/// 127.0.0.1:`port` is not used: unix only unless `tcp_port`.
+fn start(which: Impl, writable: bool, extra_server: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.raw");
+    make_sparse_image(&img);
+    let sock = dir.path().join("nbd.sock");
+    Daemon::start_in(
+        which,
+        dir,
+        &[
+            "--blockdev",
+            &format!("file,node-name=file0,filename={}", img.display()),
+            "--blockdev",
+            "raw,node-name=disk0,file=file0",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}{extra_server}", sock.display()),
+            "--export",
+            &format!(
+                "nbd,id=e0,node-name=disk0,name=disk,description=test disk,writable={}",
+                if writable { "on" } else { "off" }
+            ),
+        ],
+    )
+}
+
+fn uri(d: &Daemon) -> String {
+    format!("nbd+unix:///disk?socket={}", d.path("nbd.sock").display())
+}
+
+fn skip_without(tools: &[&str]) -> bool {
+    for t in tools {
+        if !have(t) {
+            eprintln!("skipping: {t} is not installed");
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn nbdinfo_json_list_and_map_match_qsd() {
+    if skip_without(&["nbdinfo"]) {
+        return;
+    }
+    let mut outputs = Vec::new();
+    for which in [Impl::Blkd, Impl::Qsd] {
+        let d = start(which, true, "");
+        let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri(&d)])).unwrap();
+        let list = run_ok("nbdinfo", &["--list", "--json", &format!("nbd+unix://?socket={}", d.path("nbd.sock").display())]);
+        let list: Value = serde_json::from_str(&list).unwrap();
+        let map = run_ok("nbdinfo", &["--map", &uri(&d)]);
+        let content = run_ok("nbdinfo", &["--content", &uri(&d)]);
+        outputs.push((info, list, map, content));
+    }
+    let (ours, theirs) = (&outputs[0], &outputs[1]);
+    let strip = |mut v: Value| {
+        // The server's own description of itself is not protocol.
+        if let Some(o) = v.as_object_mut() {
+            o.remove("protocol");
+        }
+        v
+    };
+    assert_eq!(strip(ours.0.clone()), strip(theirs.0.clone()));
+    assert_eq!(ours.1["exports"], theirs.1["exports"]);
+    assert_eq!(ours.2, theirs.2, "base:allocation maps differ");
+    assert_eq!(ours.3, theirs.3);
+    let export = &ours.0["exports"][0];
+    assert_eq!(export["export-size"], 8 << 20);
+    assert_eq!(export["export-description"], "test disk");
+    assert_eq!(export["is_read_only"], false);
+    assert_eq!(export["can_multi_conn"], true);
+    assert_eq!(export["block_size_minimum"], 1);
+    assert_eq!(export["block_size_preferred"], 4096);
+    assert_eq!(export["block_size_maximum"], 33554432);
+    assert!(ours.2.contains("hole,zero"), "map shows no hole: {}", ours.2);
+}
+
+#[test]
+fn qemu_io_patterns_and_qemu_img_over_unix_and_tcp() {
+    let d = start(Impl::Blkd, true, "");
+    let u = uri(&d);
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -z 1M 64k", "-c", "discard 2M 64k",
+          "-c", "read -P 0xab 0 64k", "-c", "read -P 0 1M 64k", "-c", "flush", &u],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // A copy through nbd:// and back compares equal.
+    let copy = d.path("copy.qcow2");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", &u, copy.to_str().unwrap()]);
+    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &u, copy.to_str().unwrap()]);
+    let img = std::fs::read(d.path("img.raw")).unwrap();
+    assert!(img[..65536].iter().all(|b| *b == 0xab));
+    // The same export over TCP.
+    let mut qmp = d.qmp();
+    qmp.ok("nbd-server-stop", json!({}));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}));
+    qmp.ok("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk"}));
+    let tcp = format!("nbd://127.0.0.1:{port}/disk");
+    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &tcp, copy.to_str().unwrap()]);
+    let ro = run("qemu-io", &["-f", "raw", "-c", "write 0 512", &tcp]);
+    let text = String::from_utf8_lossy(&ro.stdout).to_string() + &String::from_utf8_lossy(&ro.stderr);
+    assert!(text.contains("read-only") || text.contains("Operation not permitted"), "{text}");
+}
+
+#[test]
+fn nbdsh_flags_contexts_and_many_requests_in_flight() {
+    if skip_without(&["nbdsh"]) || !std::path::Path::new(PY).exists() {
+        return;
+    }
+    let d = start(Impl::Blkd, true, "");
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+assert h.get_structured_replies_negotiated()
+assert h.can_meta_context("base:allocation")
+for f in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache", "can_multi_conn", "can_df"):
+    assert getattr(h, f)(), f
+assert not h.is_read_only()
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
+assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
+# 64 writes in flight at once, then read all back.
+bufs = []
+for i in range(64):
+    b = nbd.Buffer.from_bytearray(bytearray([i]) * 4096)
+    bufs.append(b)
+    h.aio_pwrite(b, 1048576 + i * 4096)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+cookies = [h.aio_pread(4096, 1048576 + i * 4096) for i in range(64)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for i, c in enumerate(cookies):
+    assert h.aio_command_completed(c)
+for i in range(64):
+    assert h.pread(4096, 1048576 + i * 4096) == bytes([i]) * 4096
+# Structured read of a hole with DF.
+assert h.pread(65536, 6 << 20, flags=nbd.CMD_FLAG_DF) == bytes(65536)
+exts = []
+h.block_status(8 << 20, 0, lambda ctx, off, e, err: exts.append((ctx, list(e))))
+assert exts and exts[0][0] == "base:allocation", exts
+# Errors: beyond the end, and a too-large request.
+try:
+    h.pread(512, 8 << 20)
+    sys.exit("read past end succeeded")
+except nbd.Error as e:
+    assert e.errno in ("EINVAL", "ENOSPC"), e.errno
+h.flush()
+h.shutdown()
+print("ok")
+"#;
+    let out = run_ok(PY, &["-c", script, &uri(&d)]);
+    assert_eq!(out.trim(), "ok");
+}
+
+#[test]
+fn nbdcopy_round_trip_keeps_checksums() {
+    if skip_without(&["nbdcopy"]) {
+        return;
+    }
+    let d = start(Impl::Blkd, true, "");
+    let src = d.path("src.raw");
+    common::make_image(&src, 8 << 20, 0x77);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &uri(&d)]);
+    let back = d.path("back.raw");
+    run_ok("nbdcopy", &[&uri(&d), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&back).unwrap());
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(d.path("img.raw")).unwrap());
+}
+
+#[test]
+fn fio_verify_with_several_connections() {
+    if skip_without(&["fio"]) {
+        return;
+    }
+    let d = start(Impl::Blkd, true, "");
+    let out = Command::new("fio")
+        .args([
+            "--name=verify", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
+            "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--numjobs=1",
+            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Three connections at once on separate regions.
+    let out = Command::new("fio")
+        .args([
+            "--name=multi", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
+            "--rw=randrw", "--bs=4k", "--size=2M", "--iodepth=8", "--numjobs=3",
+            "--offset_increment=2M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn max_connections_makes_extra_clients_wait() {
+    if skip_without(&["nbdinfo"]) {
+        return;
+    }
+    let d = start(Impl::Blkd, true, ",max-connections=1");
+    let u = uri(&d);
+    let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &u])).unwrap();
+    assert_eq!(info["exports"][0]["can_multi_conn"], false);
+    // Hold the one slot with a raw connection that never negotiates.
+    let holder = std::os::unix::net::UnixStream::connect(d.path("nbd.sock")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let waited = run("timeout", &["2", "nbdinfo", "--size", &u]);
+    assert_eq!(waited.status.code(), Some(124), "second client was served");
+    drop(holder);
+    let size = run_ok("timeout", &["10", "nbdinfo", "--size", &u]);
+    assert_eq!(size.trim(), (8 << 20).to_string());
+}
+
+#[test]
+fn block_export_del_modes_and_events() {
+    let d = start(Impl::Blkd, true, "");
+    let mut qmp = d.qmp();
+    let mut client = std::process::Command::new(PY)
+        .args(["-c", "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('up',flush=True)\ntime.sleep(30)", &uri(&d)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "up");
+    let (_, e) = qmp.err("block-export-del", json!({"id": "e0"}));
+    assert_eq!(e, "export 'e0' still in use");
+    // Hard: reply first, then the event once the client is dropped.
+    let r = qmp.cmd("block-export-del", json!({"id": "e0", "mode": "hard"}));
+    assert_eq!(r, json!({"return": {}}));
+    assert!(qmp.events.is_empty(), "event came before the reply");
+    qmp.event("BLOCK_EXPORT_DELETED");
+    assert_eq!(qmp.ok("query-block-exports", json!({})), json!([]));
+    let _ = client.kill();
+    let _ = client.wait();
+}
