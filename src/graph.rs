@@ -77,8 +77,9 @@ impl Graph {
                 opts.insert(child.to_string(), Value::String(child_name));
             }
         }
-        let ctx = OpenContext::from_options(&opts, &|n: &str| self.get(n).cloned());
-        let result = ctx.and_then(|ctx| block::open(&driver, &opts, &ctx));
+        let lookup = |n: &str| self.get(n).cloned();
+        let result = OpenContext::from_options(&opts, &lookup)
+            .and_then(|ctx| block::open(&driver, &opts, &ctx));
         match result {
             Ok(drv) => {
                 let node = Arc::new(BlockNode::new(name, drv));

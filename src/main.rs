@@ -1,6 +1,7 @@
 //! blkd: a block storage daemon that exports block nodes over vhost-user-blk and
 //! NBD and is managed over QMP, with qemu-storage-daemon's command line.
 
+mod bitmaps;
 mod block;
 mod cli;
 mod commands;

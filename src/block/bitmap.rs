@@ -130,7 +130,7 @@ mod tests {
         let mut bm = DirtyBitmap::new("b0", 65536, size);
         assert_eq!(bm.dirty_bytes(size), 0);
         bm.mark(65536 + 10, 1);
-        bm.mark(3 * 65536, 65537);
+        bm.mark(3 * 65536, 2 * 65536 + 1);
         assert_eq!(bm.dirty_bytes(size), 4 * 65536);
         assert_eq!(bm.extent(0, size), (65536, false));
         assert_eq!(bm.extent(65536, size), (65536, true));

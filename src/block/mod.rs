@@ -5,12 +5,19 @@
 //! callers pass their own buffers (NBD request buffers, guest memory slices) and
 //! drivers read or write straight into them, with no bounce copy.
 
+pub mod bitmap;
 pub mod file;
+mod node;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
+
+pub use node::BlockNode;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
+
+use serde_json::{Map, Value};
 
 /// The state of one extent, as [`BlockDriver::block_status`] reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,27 +78,116 @@ pub trait BlockDriver: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;
     /// Describes the extent that starts at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
+    /// Bytes the node takes on its storage (`actual-size`), if known.
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+    /// How the node caches, for `query-named-block-nodes`.
+    fn cache_mode(&self) -> CacheMode {
+        CacheMode::default()
+    }
     /// Changes the size of the node.
     fn resize(&self, new_size: u64) -> io::Result<()>;
 }
 
-/// A named node in the block graph.
-pub struct BlockNode {
-    name: String,
-    driver: Box<dyn BlockDriver>,
+
+/// What a node does with discard requests (`blockdev-add`'s `discard`).
+/// The `cache` options of a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheMode {
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Flushes are not passed to the storage.
+    pub no_flush: bool,
 }
 
-impl BlockNode {
-    pub fn new(name: String, driver: Box<dyn BlockDriver>) -> Self {
-        BlockNode { name, driver }
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Discard requests succeed and do nothing (QEMU's default).
+    #[default]
+    Ignore,
+    /// Discard requests are passed down (hole punching on files).
+    Unmap,
+}
+
+/// Finds a node by name, for drivers that reference children.
+pub type NodeLookup<'a> = &'a dyn Fn(&str) -> Option<Arc<BlockNode>>;
+
+/// The options every driver shares, resolved from the `blockdev-add`
+/// arguments, and the way to find the nodes a driver names as children.
+pub struct OpenContext<'a> {
+    pub read_only: bool,
+    /// Fall back to read-only when the image cannot be opened writable.
+    pub auto_read_only: bool,
+    pub discard: DiscardMode,
+    /// `cache.direct`: bypass the host page cache (O_DIRECT).
+    pub cache_direct: bool,
+    /// `cache.no-flush`: flush requests succeed without syncing.
+    pub cache_no_flush: bool,
+    pub lookup: NodeLookup<'a>,
+}
+
+impl<'a> OpenContext<'a> {
+    /// Reads the common members of schema-checked `blockdev-add` arguments,
+    /// applying QEMU's defaults to the ones that are absent.
+    pub fn from_options(opts: &Map<String, Value>, lookup: NodeLookup<'a>) -> Result<Self, String> {
+        let flag = |map: &Map<String, Value>, key: &str| {
+            map.get(key).and_then(Value::as_bool).unwrap_or(false)
+        };
+        let cache = opts.get("cache").and_then(Value::as_object);
+        // Read-only nodes share everything anyway, so force-share only needs checking.
+        if flag(opts, "force-share") && !flag(opts, "read-only") {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        let ctx = OpenContext {
+            read_only: flag(opts, "read-only"),
+            auto_read_only: flag(opts, "auto-read-only"),
+            discard: match opts.get("discard").and_then(Value::as_str) {
+                Some("unmap") => DiscardMode::Unmap,
+                _ => DiscardMode::Ignore,
+            },
+            cache_direct: cache.is_some_and(|c| flag(c, "direct")),
+            cache_no_flush: cache.is_some_and(|c| flag(c, "no-flush")),
+            lookup,
+        };
+        Ok(ctx)
     }
 
-    /// The node's `node-name`.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// Finds a child node named in the options, with QEMU's error text.
+    pub fn child(&self, name: &str) -> Result<Arc<BlockNode>, String> {
+        (self.lookup)(name)
+            .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))
     }
+}
 
-    pub fn driver(&self) -> &dyn BlockDriver {
-        self.driver.as_ref()
+/// Opens a driver by its `blockdev-add` name. Errors are QEMU's texts.
+pub fn open(
+    driver: &str,
+    opts: &Map<String, Value>,
+    ctx: &OpenContext,
+) -> Result<Box<dyn BlockDriver>, String> {
+    match driver {
+        "file" | "host_device" => file::open(opts, ctx),
+        "null-co" => null::open(opts, ctx),
+        "raw" => raw::open(opts, ctx),
+        "qcow2" => qcow2::open(opts, ctx),
+        other => Err(format!("Driver '{other}' is not supported by this build")),
+    }
+}
+
+/// Rounds a byte length up to whole 512-byte sectors, as QEMU reports the
+/// length of every node.
+pub(crate) fn round_up_to_sector(len: u64) -> u64 {
+    len.div_ceil(512).saturating_mul(512)
+}
+
+/// Reads a non-negative integer member, with QEMU's range error text.
+pub(crate) fn unsigned_option(opts: &Map<String, Value>, key: &str) -> Result<Option<u64>, String> {
+    match opts.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("Value '{v}' is out of range for parameter '{key}'")),
     }
 }

@@ -1,0 +1,1266 @@
+//! The `qcow2` format driver, on a `file` child node, through imago.
+//!
+//! imago does the qcow2 work (mappings, allocation, COW, refcounts). It sees
+//! the daemon's nodes through [`NodeStorage`], so the image file goes through
+//! the `file` node (O_DIRECT, locking) and the backing node can be any driver:
+//! imago reads it as a raw layer and never learns it is itself a qcow2 image.
+//!
+//! imago opens some images it would then damage (it clears autoclear bits,
+//! which drops QEMU's persistent bitmaps) and ignores some header fields
+//! (encryption), so the header is checked here before imago sees it.
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::storage::drivers::CommonStorageHelper;
+use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageCreateOptions};
+use serde_json::{Map, Value};
+
+use super::{BlockDriver, BlockNode, DiscardMode, Extent, OpenContext, ZeroFlags};
+
+const QCOW2_MAGIC: u32 = 0x5146_49fb;
+/// Header extension type of QEMU's persistent dirty bitmaps.
+const BITMAPS_EXTENSION: u32 = 0x2385_2875;
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Longest backing chain opened from image headers; deeper chains are
+/// almost certainly loops through paths that do not canonicalise alike.
+const MAX_HEADER_CHAIN: usize = 64;
+
+/// Names for the nodes opened from a header's backing file reference.
+static BACKING_NODE_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A node of the graph as imago's storage: every access goes to the node's driver.
+pub struct NodeStorage {
+    node: Arc<BlockNode>,
+    helper: CommonStorageHelper,
+}
+
+impl NodeStorage {
+    fn new(node: Arc<BlockNode>) -> Self {
+        NodeStorage {
+            node,
+            helper: CommonStorageHelper::default(),
+        }
+    }
+}
+
+impl fmt::Debug for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeStorage")
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl fmt::Display for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node '{}'", self.node.name())
+    }
+}
+
+impl Storage for NodeStorage {
+    fn mem_align(&self) -> usize {
+        self.req_align()
+    }
+
+    fn req_align(&self) -> usize {
+        (self.node.driver().request_alignment() as usize).max(1)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.node.driver().size())
+    }
+
+    fn get_filename(&self) -> Option<PathBuf> {
+        self.node.driver().filename().map(PathBuf::from)
+    }
+
+    unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        let mut bufs = bufv.into_inner();
+        self.node.driver().read_vectored(offset, &mut bufs)
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        self.node.driver().write_vectored(offset, &bufv.into_inner())
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node
+            .driver()
+            .write_zeroes(offset, length, ZeroFlags::default())
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node
+            .driver()
+            .write_zeroes(offset, length, ZeroFlags::default())
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node.driver().discard(offset, length)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // The node keeps no buffers of its own; durability is `sync`'s job.
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.node.driver().flush()
+    }
+
+    unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+
+    fn resize(&self, new_size: u64, _prealloc: imago::storage::PreallocateMode) -> io::Result<()> {
+        self.node.driver().resize(new_size)
+    }
+}
+
+/// Largest L1 or refcount table accepted (QEMU's limit for the L1 table).
+const MAX_TABLE_BYTES: u64 = 32 << 20;
+/// The host offset bits of L1 and refcount table entries.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// Where a table of 64-bit cluster offsets lies in the image file.
+struct TableRef {
+    offset: u64,
+    entries: u64,
+}
+
+/// What the image header says, read before imago opens the image.
+struct HeaderInfo {
+    version: u32,
+    cluster_size: u64,
+    incompatible: u64,
+    autoclear: u64,
+    compression_type: u8,
+    crypt_method: u32,
+    snapshots: u32,
+    has_bitmaps_extension: bool,
+}
+
+fn be32(buf: &[u8], at: usize) -> Option<u32> {
+    buf.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+}
+
+fn be64(buf: &[u8], at: usize) -> Option<u64> {
+    buf.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+fn read_at(node: &BlockNode, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; len];
+    node.driver()
+        .read_vectored(offset, &mut [IoSliceMut::new(&mut buf)])
+        .map_err(|e| format!("Could not read qcow2 header of '{}': {e}", node.name()))?;
+    Ok(buf)
+}
+
+impl HeaderInfo {
+    fn read(file: &BlockNode) -> Result<Self, String> {
+        let what = file.driver().filename().unwrap_or_else(|| file.name().to_string());
+        let invalid = |cause: &str| format!("Image '{what}' is not a valid qcow2 image: {cause}");
+        if file.driver().size() < 72 {
+            return Err(invalid("the file is shorter than a qcow2 header"));
+        }
+        let head = read_at(file, 0, 112)?;
+        let field32 = |at| be32(&head, at).ok_or_else(|| invalid("truncated header"));
+        let field64 = |at| be64(&head, at).ok_or_else(|| invalid("truncated header"));
+        if field32(0)? != QCOW2_MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let version = field32(4)?;
+        let cluster_bits = field32(20)?;
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(invalid(&format!("cluster_bits {cluster_bits} out of range")));
+        }
+        let mut info = HeaderInfo {
+            version,
+            cluster_size: 1 << cluster_bits,
+            incompatible: 0,
+            autoclear: 0,
+            compression_type: 0,
+            crypt_method: field32(32)?,
+            snapshots: field32(60)?,
+            has_bitmaps_extension: false,
+        };
+        let header_length = match version {
+            2 => 72,
+            3 => {
+                info.incompatible = field64(72)?;
+                info.autoclear = field64(88)?;
+                let len = field32(100)?;
+                if len > 104 {
+                    info.compression_type = head.get(104).copied().unwrap_or(0);
+                }
+                u64::from(len)
+            }
+            v => return Err(format!("Image '{what}' has unsupported qcow2 version {v}")),
+        };
+        info.has_bitmaps_extension = Self::find_extension(file, header_length, info.cluster_size)
+            .map_err(|cause| invalid(&cause))?;
+        let l1 = TableRef { offset: field64(40)?, entries: u64::from(field32(36)?) };
+        let refcount_table = TableRef {
+            offset: field64(48)?,
+            entries: u64::from(field32(56)?) * info.cluster_size / 8,
+        };
+        info.check_table(file, "L1 table", l1).map_err(|cause| invalid(&cause))?;
+        info.check_table(file, "refcount table", refcount_table)
+            .map_err(|cause| invalid(&cause))?;
+        Ok(info)
+    }
+
+    /// Checks that a table and every cluster it points to lie inside the
+    /// image file. imago reads past the end as zeroes and would later write
+    /// metadata there, outside what the refcounts cover.
+    fn check_table(&self, file: &BlockNode, name: &str, table: TableRef) -> Result<(), String> {
+        let file_size = file.driver().size();
+        let bytes = table.entries.checked_mul(8).filter(|&b| b <= MAX_TABLE_BYTES);
+        let Some(bytes) = bytes else {
+            return Err(format!("{name} is too large ({} entries)", table.entries));
+        };
+        if bytes == 0 {
+            return Ok(());
+        }
+        if table.offset % self.cluster_size != 0 || table.offset.saturating_add(bytes) > file_size {
+            return Err(format!("{name} at offset {} lies outside the file", table.offset));
+        }
+        let data = read_at(file, table.offset, bytes as usize)?;
+        for (index, entry) in data.chunks_exact(8).enumerate() {
+            let target = be64(entry, 0).unwrap_or(0) & TABLE_OFFSET_MASK;
+            if target != 0 && (target % self.cluster_size != 0 || target >= file_size) {
+                return Err(format!(
+                    "{name} entry {index} points to offset {target}, outside the file"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the header extensions (v3 only) looking for the bitmaps one.
+    fn find_extension(
+        file: &BlockNode,
+        mut offset: u64,
+        cluster_size: u64,
+    ) -> Result<bool, String> {
+        if offset == 72 {
+            // v2 images have no extensions we care about here.
+            return Ok(false);
+        }
+        let area = read_at(file, 0, cluster_size.min(file.driver().size()) as usize)?;
+        loop {
+            let at = usize::try_from(offset).map_err(|_| "header extension offset overflow")?;
+            let (Some(kind), Some(len)) = (be32(&area, at), be32(&area, at + 4)) else {
+                return Err("header extensions run past the first cluster".into());
+            };
+            match kind {
+                0 => return Ok(false),
+                BITMAPS_EXTENSION => return Ok(true),
+                _ => offset += 8 + u64::from(len).next_multiple_of(8),
+            }
+        }
+    }
+
+    /// Refuses what imago would misread or what a writable open would damage.
+    fn check(&self, what: &str, writable: bool) -> Result<(), String> {
+        let refuse = |feature: &str| Err(format!("Image '{what}' uses {feature}, which blkd does not support"));
+        if self.crypt_method != 0 {
+            return refuse("encryption");
+        }
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            return Err(format!(
+                "Image '{what}' has the dirty bit set (lazy refcounts after an unclean shutdown); \
+                 repair it with 'qemu-img check -r all' first"
+            ));
+        }
+        if self.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(format!(
+                "Image '{what}' is marked corrupt; repair it with 'qemu-img check -r all' first"
+            ));
+        }
+        if self.incompatible & INCOMPAT_DATA_FILE != 0 {
+            return refuse("an external data file");
+        }
+        if self.incompatible & INCOMPAT_COMPRESSION != 0 || self.compression_type != 0 {
+            let name = match self.compression_type {
+                1 => "zstd".to_string(),
+                other => format!("type {other}"),
+            };
+            return refuse(&format!("compression type {name}"));
+        }
+        if self.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+            return refuse("extended L2 entries (extended_l2)");
+        }
+        let unknown = self.incompatible
+            & !(INCOMPAT_DIRTY
+                | INCOMPAT_CORRUPT
+                | INCOMPAT_DATA_FILE
+                | INCOMPAT_COMPRESSION
+                | INCOMPAT_EXTENDED_L2);
+        if unknown != 0 {
+            return refuse(&format!("unknown incompatible features (bits {unknown:#x})"));
+        }
+        if writable && (self.has_bitmaps_extension || self.autoclear & AUTOCLEAR_BITMAPS != 0) {
+            return Err(format!(
+                "Image '{what}' has persistent dirty bitmaps, which blkd cannot keep consistent; \
+                 open it read-only or remove them with 'qemu-img bitmap --remove'"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where an image's backing layer comes from.
+enum BackingChoice {
+    /// `backing: null`: no backing layer.
+    None,
+    /// `backing: "node-name"`.
+    Node(Arc<BlockNode>),
+    /// No `backing` option: the file named in the image header, if any.
+    FromHeader,
+}
+
+/// The options a header-opened backing chain inherits, and the files it has
+/// visited, to detect loops.
+struct ChainEnv<'a> {
+    cache: Option<Value>,
+    ctx: &'a OpenContext<'a>,
+    visited: Vec<PathBuf>,
+}
+
+pub struct Qcow2Driver {
+    /// Shared for I/O; exclusive for discard and resize, which may free
+    /// clusters that in-flight requests still map.
+    image: RwLock<FormatAccess<NodeStorage>>,
+    file: Arc<BlockNode>,
+    backing: Option<Arc<BlockNode>>,
+    read_only: bool,
+    discard: DiscardMode,
+    header: HeaderInfo,
+}
+
+/// Opens a `qcow2` node: `file` names the image's file node, `backing` a
+/// node name, `null`, or is absent (then the header's backing file is opened).
+pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn BlockDriver>, String> {
+    let file = match opts.get("file") {
+        Some(Value::String(name)) => ctx.child(name)?,
+        Some(_) => return Err("Parameter 'file' expects a node name".into()),
+        None => return Err("Parameter 'file' is missing".into()),
+    };
+    let backing = match opts.get("backing") {
+        None => BackingChoice::FromHeader,
+        Some(Value::Null) => BackingChoice::None,
+        Some(Value::String(name)) => BackingChoice::Node(ctx.child(name)?),
+        Some(_) => return Err("Parameter 'backing' expects a node name or null".into()),
+    };
+    let mut env = ChainEnv {
+        cache: opts.get("cache").cloned(),
+        ctx,
+        visited: Vec::new(),
+    };
+    let driver = open_image(file, backing, ctx.read_only, ctx.discard, &mut env)?;
+    Ok(Box::new(driver))
+}
+
+fn open_image(
+    file: Arc<BlockNode>,
+    backing: BackingChoice,
+    read_only: bool,
+    discard: DiscardMode,
+    env: &mut ChainEnv,
+) -> Result<Qcow2Driver, String> {
+    let what = file.driver().filename().unwrap_or_else(|| file.name().to_string());
+    if !read_only && file.driver().read_only() {
+        return Err(format!(
+            "Cannot open '{what}' writable: its file node '{}' is read-only",
+            file.name()
+        ));
+    }
+    let header = HeaderInfo::read(&file)?;
+    header.check(&what, !read_only)?;
+    if let Ok(path) = Path::new(&what).canonicalize() {
+        env.visited.push(path);
+    }
+
+    let mut qcow2 = Qcow2::<NodeStorage>::open_image(NodeStorage::new(Arc::clone(&file)), !read_only)
+        .map_err(|e| format!("Could not open qcow2 image '{what}': {e}"))?;
+    let backing = match backing {
+        BackingChoice::None => None,
+        BackingChoice::Node(node) => Some(node),
+        BackingChoice::FromHeader => match qcow2.implicit_backing_file() {
+            None => None,
+            Some(name) => {
+                let format = qcow2.implicit_backing_format().cloned();
+                Some(open_header_backing(&what, name, format.as_deref(), env)?)
+            }
+        },
+    };
+    let backing_layer = match &backing {
+        Some(node) => {
+            let raw = Raw::open_image(NodeStorage::new(Arc::clone(node)), false)
+                .map_err(|e| format!("Could not use node '{}' as backing of '{what}': {e}", node.name()))?;
+            Some(FormatAccess::new(raw))
+        }
+        None => None,
+    };
+    qcow2.set_backing(backing_layer);
+    qcow2.set_data_file(None);
+
+    Ok(Qcow2Driver {
+        image: RwLock::new(FormatAccess::new(qcow2)),
+        file,
+        backing,
+        read_only,
+        discard,
+        header,
+    })
+}
+
+/// Opens the backing file an image header names, read-only, as QEMU does
+/// when `backing` is not given: a `file` node, and a `qcow2` node on it
+/// unless the format is raw (then the file node itself is the layer).
+fn open_header_backing(
+    image: &str,
+    name: &str,
+    format: Option<&str>,
+    env: &mut ChainEnv,
+) -> Result<Arc<BlockNode>, String> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(format!(
+            "Backing file '{name}' of '{image}' is not a plain file name, which blkd does not support; \
+             give the backing node explicitly"
+        ));
+    }
+    let path = match Path::new(image).parent() {
+        Some(dir) if Path::new(name).is_relative() => dir.join(name),
+        _ => PathBuf::from(name),
+    };
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| format!("Could not open backing file '{}' of '{image}': {e}", path.display()))?;
+    if env.visited.contains(&canonical) || env.visited.len() >= MAX_HEADER_CHAIN {
+        return Err(format!(
+            "Backing file chain loop: '{}' (backing file of '{image}') is already in the chain",
+            canonical.display()
+        ));
+    }
+
+    let mut file_opts = Map::new();
+    file_opts.insert("driver".into(), Value::from("file"));
+    file_opts.insert("filename".into(), Value::from(path.to_string_lossy().into_owned()));
+    file_opts.insert("read-only".into(), Value::Bool(true));
+    if let Some(cache) = &env.cache {
+        file_opts.insert("cache".into(), cache.clone());
+    }
+    let file_ctx = OpenContext::from_options(&file_opts, env.ctx.lookup)?;
+    let file_driver = super::open("file", &file_opts, &file_ctx)?;
+    let file = Arc::new(BlockNode::new(backing_node_name(), file_driver));
+
+    let is_qcow2 = match format {
+        Some("qcow2") => true,
+        Some("raw") | Some("file") => false,
+        Some(other) => {
+            return Err(format!(
+                "Backing file '{}' of '{image}' has format '{other}', which blkd does not support",
+                path.display()
+            ))
+        }
+        // QEMU probes too; only the magic matters for the two formats we know.
+        None => read_at(&file, 0, 4)? == QCOW2_MAGIC.to_be_bytes(),
+    };
+    if !is_qcow2 {
+        return Ok(file);
+    }
+    let driver = open_image(file, BackingChoice::FromHeader, true, DiscardMode::Ignore, env)?;
+    Ok(Arc::new(BlockNode::new(backing_node_name(), Box::new(driver))))
+}
+
+fn backing_node_name() -> String {
+    format!("#qcow2-backing{}", BACKING_NODE_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Creates a qcow2 image file at `path` (64 KiB clusters), optionally on a
+/// backing file, whose format is probed and recorded in the header.
+pub fn create(path: &Path, size: u64, backing: Option<&str>) -> Result<(), String> {
+    let what = path.display();
+    let opts = StorageCreateOptions::new().filename(path).size(0).overwrite(true);
+    let file = imago::file::File::create_open(opts)
+        .map_err(|e| format!("Could not create '{what}': {e}"))?;
+    let mut builder = Qcow2::<imago::file::File>::create_builder(file).size(size);
+    if let Some(backing) = backing {
+        let backing_path = match path.parent() {
+            Some(dir) if Path::new(backing).is_relative() => dir.join(backing),
+            _ => PathBuf::from(backing),
+        };
+        let mut magic = [0u8; 4];
+        let format = match std::fs::File::open(&backing_path)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
+        {
+            Ok(()) if magic == QCOW2_MAGIC.to_be_bytes() => "qcow2",
+            Ok(()) => "raw",
+            Err(e) => return Err(format!("Could not open backing file '{}': {e}", backing_path.display())),
+        };
+        builder = builder.backing(backing.to_string(), format.to_string());
+    }
+    builder
+        .create()
+        .map_err(|e| format!("Could not create qcow2 image '{what}': {e}"))
+}
+
+fn read_only_error() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+impl Qcow2Driver {
+    fn image(&self) -> RwLockReadGuard<'_, FormatAccess<NodeStorage>> {
+        self.image.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn image_mut(&self) -> RwLockWriteGuard<'_, FormatAccess<NodeStorage>> {
+        self.image.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        Ok(())
+    }
+
+    /// The state of the one mapping that starts at `offset`.
+    fn extent_at(&self, image: &FormatAccess<NodeStorage>, offset: u64, len: u64) -> io::Result<Extent> {
+        let (mapping, length) = image.get_shallow_mapping(offset, len)?;
+        let length = length.min(len);
+        let local = |data, zero| Extent { length, data, zero, depth: 1 };
+        Ok(match mapping {
+            ShallowMapping::Raw { offset: host, .. } => {
+                // A data cluster that is a hole in the image file reads as
+                // zeroes; QEMU reports it as data+zero, so do we.
+                match self.file.driver().block_status(host, length) {
+                    Ok(st) if st.length == 0 => local(true, true),
+                    Ok(st) => Extent { length: st.length.min(length), ..local(true, st.zero) },
+                    Err(e) => {
+                        log::debug!("block status of '{}' at {host}: {e}", self.file.name());
+                        local(true, false)
+                    }
+                }
+            }
+            ShallowMapping::Indirect { offset: backing_offset, .. } => match &self.backing {
+                Some(backing) => {
+                    let st = backing.driver().block_status(backing_offset, length)?;
+                    if st.length == 0 {
+                        // Past the end of a short backing layer: zeroes that
+                        // QEMU counts as allocated in that layer.
+                        Extent { length, data: false, zero: true, depth: 2 }
+                    } else {
+                        Extent {
+                            length: st.length.min(length),
+                            depth: if st.depth == 0 { 0 } else { st.depth + 1 },
+                            ..st
+                        }
+                    }
+                }
+                None => Extent { length, data: false, zero: true, depth: 0 },
+            },
+            ShallowMapping::Zero { explicit, .. } => Extent {
+                length,
+                data: false,
+                zero: true,
+                depth: u32::from(explicit),
+            },
+            ShallowMapping::Special { .. } => local(true, false),
+            _ => Extent { length: 0, data: false, zero: true, depth: 0 },
+        })
+    }
+
+    /// Refuses requests over data clusters that the L2 tables place past the
+    /// end of the image file (a corrupt image): imago would write or free
+    /// clusters there, outside the area the refcounts cover.
+    fn check_mappings(&self, image: &FormatAccess<NodeStorage>, offset: u64, len: u64) -> io::Result<()> {
+        let file_end = self
+            .file
+            .driver()
+            .size()
+            .next_multiple_of(self.header.cluster_size);
+        let end = offset.saturating_add(len).min(image.size());
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, length) = image.get_shallow_mapping(pos, end - pos)?;
+            if length == 0 {
+                break;
+            }
+            if let ShallowMapping::Raw { offset: host, .. } = mapping {
+                if host.saturating_add(length) > file_end {
+                    let what = self.filename().unwrap_or_default();
+                    log::error!("qcow2 image '{what}' is corrupt: offset {pos} maps to host offset {host}, past the end of the file");
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("qcow2 image '{what}' is corrupt: offset {pos} maps past the end of the file"),
+                    ));
+                }
+            }
+            pos += length;
+        }
+        Ok(())
+    }
+
+    fn cluster_aligned(&self, offset: u64, len: u64, size: u64) -> bool {
+        let end = offset + len;
+        offset % self.header.cluster_size == 0 && (end % self.header.cluster_size == 0 || end == size)
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.image().size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn filename(&self) -> Option<String> {
+        self.file.driver().filename()
+    }
+
+    fn children(&self) -> Vec<Arc<BlockNode>> {
+        let mut children = vec![Arc::clone(&self.file)];
+        children.extend(self.backing.iter().cloned());
+        children
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        self.image().readv(IoVectorMut::from(slices), offset)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.check_writable()?;
+        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let image = self.image();
+        self.check_mappings(&image, offset, IoVector::from(slices.clone()).len())?;
+        image.writev(IoVector::from(slices), offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let image = self.image();
+        image.flush()?;
+        image.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if self.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        let mut image = self.image_mut();
+        self.check_mappings(&image, offset, len)?;
+        match image.discard_to_any(offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+            other => other,
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.check_writable()?;
+        if flags.fast_only {
+            // Zero clusters need qcow2 v3 and whole clusters; anything else
+            // would mean writing zero data.
+            let size = self.size();
+            if self.header.version < 3 || !self.cluster_aligned(offset, len, size) {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+        }
+        // Like QEMU, only a node opened with discard=unmap frees clusters.
+        if flags.may_unmap && self.discard == DiscardMode::Unmap {
+            let mut image = self.image_mut();
+            self.check_mappings(&image, offset, len)?;
+            image.discard_to_zero(offset, len)
+        } else {
+            let image = self.image();
+            self.check_mappings(&image, offset, len)?;
+            image.write_zeroes(offset, len)
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let image = self.image();
+        let size = image.size();
+        if offset >= size {
+            return Ok(Extent { length: 0, data: false, zero: true, depth: 0 });
+        }
+        let len = len.min(size - offset);
+        let first = self.extent_at(&image, offset, len)?;
+        let mut total = first.length;
+        // Merge following mappings in the same state into one extent.
+        while first.length > 0 && total < len {
+            let next = self.extent_at(&image, offset + total, len - total)?;
+            if next.length == 0 || (next.data, next.zero, next.depth) != (first.data, first.zero, first.depth) {
+                break;
+            }
+            total += next.length;
+        }
+        Ok(Extent { length: total, ..first })
+    }
+
+    fn resize(&self, new_size: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if self.header.snapshots > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "Cannot resize '{}': it has internal snapshots",
+                    self.filename().unwrap_or_default()
+                ),
+            ));
+        }
+        self.image_mut()
+            .resize(new_size, imago::format::PreallocateMode::None)
+    }
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.image().flush() {
+            log::error!(
+                "Could not write qcow2 metadata of '{}' on close: {e}",
+                self.filename().unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn run(program: &str, args: &[&str]) -> String {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn qemu_io(image: &Path, commands: &[&str]) {
+        let mut args = vec!["-f", "qcow2"];
+        for c in commands {
+            args.extend(["-c", c]);
+        }
+        args.push(image.to_str().unwrap());
+        run("qemu-io", &args);
+    }
+
+    fn create_qcow2(path: &Path, backing: Option<&str>, extra: &[&str]) {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", "qcow2"]);
+        }
+        args.extend(extra);
+        args.push(path.to_str().unwrap());
+        if backing.is_none() {
+            args.push("1M");
+        }
+        run("qemu-img", &args);
+    }
+
+    fn no_nodes(_: &str) -> Option<Arc<BlockNode>> {
+        None
+    }
+
+    fn file_node(path: &Path, read_only: bool) -> Arc<BlockNode> {
+        let opts = serde_json::json!({
+            "driver": "file",
+            "filename": path.to_str().unwrap(),
+            "read-only": read_only,
+        });
+        let opts = opts.as_object().unwrap();
+        let ctx = OpenContext::from_options(opts, &no_nodes).unwrap();
+        let driver = super::super::open("file", opts, &ctx).unwrap();
+        Arc::new(BlockNode::new(format!("file-{}", path.display()), driver))
+    }
+
+    /// Opens `path` as a qcow2 node; `extra` adds options such as `backing`.
+    fn try_open(path: &Path, read_only: bool, extra: Value, nodes: &[Arc<BlockNode>]) -> Result<Box<dyn BlockDriver>, String> {
+        let file = file_node(path, read_only);
+        let mut opts = serde_json::json!({
+            "driver": "qcow2",
+            "file": file.name(),
+            "read-only": read_only,
+            "discard": "unmap",
+        });
+        if let (Value::Object(o), Value::Object(e)) = (&mut opts, extra) {
+            o.extend(e);
+        }
+        let opts = opts.as_object().unwrap();
+        let lookup = |name: &str| {
+            nodes
+                .iter()
+                .chain(std::iter::once(&file))
+                .find(|n| n.name() == name)
+                .cloned()
+        };
+        let ctx = OpenContext::from_options(opts, &lookup)?;
+        open(opts, &ctx)
+    }
+
+    fn open_qcow2(path: &Path, read_only: bool) -> Box<dyn BlockDriver> {
+        try_open(path, read_only, serde_json::json!({}), &[]).unwrap()
+    }
+
+    fn read(drv: &dyn BlockDriver, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xaa; len];
+        drv.read_vectored(offset, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+        buf
+    }
+
+    fn raw_copy(image: &Path, raw: &Path) -> Vec<u8> {
+        run("qemu-img", &["convert", "-O", "raw", image.to_str().unwrap(), raw.to_str().unwrap()]);
+        std::fs::read(raw).unwrap()
+    }
+
+    /// The 3-layer chain of observed-nbd.md's test image (base, mid, top).
+    fn make_chain(dir: &Path) -> PathBuf {
+        let (base, mid, top) = (dir.join("base.qcow2"), dir.join("mid.qcow2"), dir.join("top.qcow2"));
+        create_qcow2(&base, None, &[]);
+        qemu_io(&base, &["write -P 0x11 0 128k", "write -z 192k 64k", "write -P 0x44 256k 64k"]);
+        create_qcow2(&mid, Some("base.qcow2"), &[]);
+        qemu_io(&mid, &["write -P 0x22 64k 64k"]);
+        create_qcow2(&top, Some("mid.qcow2"), &[]);
+        qemu_io(
+            &top,
+            &["write -P 0x33 128k 64k", "write -z 256k 64k", "write -z 320k 64k", "write -P 0x55 512k 4k"],
+        );
+        top
+    }
+
+    fn all_extents(drv: &dyn BlockDriver) -> Vec<(u64, Extent)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < drv.size() {
+            let e = drv.block_status(offset, drv.size() - offset).unwrap();
+            assert!(e.length > 0, "empty extent at {offset}");
+            out.push((offset, e));
+            offset += e.length;
+        }
+        out
+    }
+
+    /// Our depth for every byte range, as `qemu-img map` gives it
+    /// (its depth counts from 0 at the top; `present: false` is our 0).
+    fn assert_depths_match_qemu_img(image: &Path, drv: &dyn BlockDriver) {
+        let map = run("qemu-img", &["map", "--output=json", image.to_str().unwrap()]);
+        let map: Vec<Value> = serde_json::from_str(&map).unwrap();
+        let extents = all_extents(drv);
+        for entry in map {
+            let start = entry["start"].as_u64().unwrap();
+            let end = start + entry["length"].as_u64().unwrap();
+            let expected = if entry["present"] == Value::Bool(true) {
+                entry["depth"].as_u64().unwrap() as u32 + 1
+            } else {
+                0
+            };
+            for (offset, e) in &extents {
+                if *offset < end && offset + e.length > start {
+                    assert_eq!(e.depth, expected, "depth at {offset} (qemu-img map entry at {start})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_through_header_backing_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let expected = raw_copy(&top, &dir.path().join("top.raw"));
+        let drv = open_qcow2(&top, true);
+        assert_eq!(drv.size(), 1 << 20);
+        assert_eq!(read(drv.as_ref(), 0, 1 << 20), expected);
+        assert_eq!(read(drv.as_ref(), 0, 4), [0x11; 4]);
+        assert_eq!(read(drv.as_ref(), 65536 + 7, 3), [0x22; 3]);
+        // Vectored read across the base/mid/top boundary.
+        let (mut a, mut b) = (vec![0u8; 65536 + 10], vec![0u8; 65536]);
+        drv.read_vectored(65536 - 10, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
+        assert_eq!([a, b].concat(), expected[65536 - 10..196608].to_vec());
+        // The chain: top -> mid (qcow2 node) -> its file and base.
+        let children = drv.children();
+        assert_eq!(children.len(), 2);
+        let mid = &children[1];
+        assert_eq!(mid.driver().driver_name(), "qcow2");
+        assert_eq!(mid.driver().children().len(), 2);
+        assert!(mid.driver().read_only());
+    }
+
+    #[test]
+    fn allocation_depth_matches_qemu_img_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let drv = open_qcow2(&top, true);
+        assert_depths_match_qemu_img(&top, drv.as_ref());
+        // The middle layer on its own, too.
+        let mid = dir.path().join("mid.qcow2");
+        let mid_drv = open_qcow2(&mid, true);
+        assert_depths_match_qemu_img(&mid, mid_drv.as_ref());
+    }
+
+    #[test]
+    fn base_allocation_matches_qsd() {
+        // observed-nbd.md's nbdinfo --map of this layout on QSD.
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let drv = open_qcow2(&top, true);
+        let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
+        for (offset, e) in all_extents(drv.as_ref()) {
+            match runs.last_mut() {
+                Some(last) if (last.2, last.3) == (e.data, e.zero) => last.1 += e.length,
+                _ => runs.push((offset, e.length, e.data, e.zero)),
+            }
+        }
+        assert_eq!(
+            runs,
+            vec![
+                (0, 196608, true, false),
+                (196608, 327680, false, true),
+                (524288, 4096, true, false),
+                (528384, 61440, true, true),
+                (589824, 458752, false, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_backing_node_and_null_backing() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let mid_file = file_node(&dir.path().join("mid.qcow2"), true);
+        // mid's own backing (base) comes from its header.
+        let mid = try_open(&dir.path().join("mid.qcow2"), true, serde_json::json!({}), &[]).unwrap();
+        let mid = Arc::new(BlockNode::new("mid".into(), mid));
+        let drv = try_open(&top, true, serde_json::json!({"backing": "mid"}), &[Arc::clone(&mid)]).unwrap();
+        assert_eq!(read(drv.as_ref(), 0, 2), [0x11, 0x11]);
+        assert!(Arc::ptr_eq(&drv.children()[1], &mid));
+        let e = drv.block_status(0, 65536).unwrap();
+        assert_eq!((e.depth, e.data), (3, true));
+        drop(mid_file);
+
+        let alone = try_open(&top, true, serde_json::json!({"backing": null}), &[]).unwrap();
+        assert_eq!(alone.children().len(), 1);
+        assert_eq!(read(alone.as_ref(), 0, 4), [0; 4]);
+        assert_eq!(read(alone.as_ref(), 131072, 2), [0x33, 0x33]);
+        let e = alone.block_status(0, 1 << 20).unwrap();
+        assert_eq!(e, Extent { length: 131072, data: false, zero: true, depth: 0 });
+
+        let err = try_open(&top, true, serde_json::json!({"backing": "nope"}), &[]).err().unwrap();
+        assert_eq!(err, "Cannot find device='nope' nor node-name='nope'");
+    }
+
+    #[test]
+    fn writes_keep_image_consistent_and_equal_to_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let raw = dir.path().join("ref.raw");
+        let mut expected = raw_copy(&top, &raw);
+        {
+            let drv = open_qcow2(&top, false);
+            // Unaligned writes into clusters that live in the backing layers (COW).
+            let (a, b) = (vec![0x77u8; 5000], vec![0x78u8; 70000]);
+            drv.write_vectored(4096 + 3, &[IoSlice::new(&a), IoSlice::new(&b)]).unwrap();
+            expected[4099..4099 + 5000].copy_from_slice(&a);
+            expected[9099..9099 + 70000].copy_from_slice(&b);
+            // Into unallocated space and at the very end.
+            drv.write_vectored(700_000, &[IoSlice::new(&[0x99; 1000])]).unwrap();
+            expected[700_000..701_000].fill(0x99);
+            drv.write_vectored((1 << 20) - 512, &[IoSlice::new(&[0x5a; 512])]).unwrap();
+            expected[(1 << 20) - 512..].fill(0x5a);
+            drv.flush().unwrap();
+            assert_eq!(read(drv.as_ref(), 0, 1 << 20), expected);
+            let e = drv.block_status(700_000, 1).unwrap();
+            assert_eq!((e.depth, e.data), (1, true));
+        }
+        std::fs::write(&raw, &expected).unwrap();
+        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
+        run("qemu-img", &["compare", "-q", "-f", "qcow2", "-F", "raw", top.to_str().unwrap(), raw.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn write_zeroes_and_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let raw = dir.path().join("ref.raw");
+        let mut expected = raw_copy(&top, &raw);
+        {
+            let drv = open_qcow2(&top, false);
+            // Whole clusters over backing data: zero clusters, local.
+            drv.write_zeroes(0, 65536, ZeroFlags::default()).unwrap();
+            expected[..65536].fill(0);
+            let e = drv.block_status(0, 65536).unwrap();
+            assert_eq!(e, Extent { length: 65536, data: false, zero: true, depth: 1 });
+            // Unaligned: head and tail are written as data.
+            drv.write_zeroes(65536 + 100, 3000, ZeroFlags::default()).unwrap();
+            expected[65636..68636].fill(0);
+            let fast = ZeroFlags { may_unmap: true, fast_only: true };
+            let err = drv.write_zeroes(100, 10, fast).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOTSUP));
+            drv.write_zeroes(131072, 65536, fast).unwrap();
+            expected[131072..196608].fill(0);
+            // Discard on a node with discard=unmap: backing data must not reappear.
+            drv.discard(512 * 1024, 65536).unwrap();
+            expected[512 * 1024..576 * 1024].fill(0);
+            assert_eq!(read(drv.as_ref(), 0, 1 << 20), expected);
+        }
+        std::fs::write(&raw, &expected).unwrap();
+        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
+        run("qemu-img", &["compare", "-q", "-f", "qcow2", "-F", "raw", top.to_str().unwrap(), raw.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn read_only_node_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let drv = open_qcow2(&top, true);
+        let err = drv.write_vectored(0, &[IoSlice::new(&[1])]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert!(drv.write_zeroes(0, 512, ZeroFlags::default()).is_err());
+        assert!(drv.resize(2 << 20).is_err());
+    }
+
+    #[test]
+    fn resize_grow_and_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("r.qcow2");
+        create_qcow2(&img, None, &[]);
+        {
+            let drv = open_qcow2(&img, false);
+            drv.resize(3 << 20).unwrap();
+            assert_eq!(drv.size(), 3 << 20);
+            drv.write_vectored((2 << 20) + 5, &[IoSlice::new(&[0x42; 100])]).unwrap();
+            assert_eq!(read(drv.as_ref(), (2 << 20) + 5, 100), [0x42; 100]);
+        }
+        let info = run("qemu-img", &["info", "--output=json", img.to_str().unwrap()]);
+        let info: Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["virtual-size"], 3 << 20);
+        run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+        {
+            let drv = open_qcow2(&img, false);
+            drv.resize(1 << 20).unwrap();
+            assert_eq!(drv.size(), 1 << 20);
+        }
+        run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+    }
+
+    fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    fn open_error(path: &Path, read_only: bool) -> String {
+        try_open(path, read_only, serde_json::json!({}), &[]).err().expect("open should fail")
+    }
+
+    #[test]
+    fn refuses_features_it_cannot_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let zstd = dir.path().join("zstd.qcow2");
+        create_qcow2(&zstd, None, &["-o", "compression_type=zstd"]);
+        assert!(open_error(&zstd, true).contains("compression type zstd"), "{}", open_error(&zstd, true));
+
+        let ext = dir.path().join("ext.qcow2");
+        create_qcow2(&ext, None, &["-o", "extended_l2=on"]);
+        assert!(open_error(&ext, false).contains("extended_l2"));
+
+        let dirty = dir.path().join("dirty.qcow2");
+        create_qcow2(&dirty, None, &["-o", "lazy_refcounts=on"]);
+        patch(&dirty, 79, &[1]); // incompatible_features, bit 0
+        assert!(open_error(&dirty, false).contains("dirty bit"));
+
+        let corrupt = dir.path().join("corrupt.qcow2");
+        create_qcow2(&corrupt, None, &[]);
+        patch(&corrupt, 79, &[2]);
+        assert!(open_error(&corrupt, true).contains("marked corrupt"));
+
+        let crypt = dir.path().join("crypt.qcow2");
+        create_qcow2(&crypt, None, &[]);
+        patch(&crypt, 35, &[2]);
+        assert!(open_error(&crypt, true).contains("encryption"));
+    }
+
+    #[test]
+    fn bitmaps_only_read_only_and_left_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("bm.qcow2");
+        create_qcow2(&img, None, &[]);
+        run("qemu-img", &["bitmap", "--add", img.to_str().unwrap(), "b0"]);
+        let header_before = std::fs::read(&img).unwrap()[..4096].to_vec();
+        let err = open_error(&img, false);
+        assert!(err.contains("persistent dirty bitmaps"), "{err}");
+        let drv = open_qcow2(&img, true);
+        assert_eq!(read(drv.as_ref(), 0, 16), [0; 16]);
+        drop(drv);
+        assert_eq!(std::fs::read(&img).unwrap()[..4096], header_before[..]);
+        let info = run("qemu-img", &["info", "--output=json", img.to_str().unwrap()]);
+        assert!(info.contains("\"b0\""), "{info}");
+        run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn corrupt_images_give_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("c.qcow2");
+        create_qcow2(&base, None, &[]);
+        qemu_io(&base, &["write -P 0x11 0 64k"]);
+        let image = std::fs::read(&base).unwrap();
+        let l1_offset = u64::from_be_bytes(image[40..48].try_into().unwrap());
+
+        let short = dir.path().join("short.qcow2");
+        std::fs::write(&short, &image[..50]).unwrap();
+        let err = open_error(&short, true);
+        assert!(err.contains("not a valid qcow2 image"), "{err}");
+
+        let no_tables = dir.path().join("notables.qcow2");
+        std::fs::write(&no_tables, &image[..65536]).unwrap();
+        let err = open_error(&no_tables, true);
+        assert!(err.contains("outside the file"), "{err}");
+
+        let bad_l2 = dir.path().join("badl2.qcow2");
+        std::fs::write(&bad_l2, &image).unwrap();
+        patch(&bad_l2, l1_offset, &(0x8000_0000_0100_0000u64).to_be_bytes());
+        let err = open_error(&bad_l2, false);
+        assert!(err.contains("L1 table entry 0 points to offset 16777216"), "{err}");
+
+        let bad_magic = dir.path().join("magic.qcow2");
+        std::fs::write(&bad_magic, &image).unwrap();
+        patch(&bad_magic, 0, b"QFI\0");
+        assert!(open_error(&bad_magic, true).contains("bad magic"));
+
+        let bad_cluster = dir.path().join("cluster.qcow2");
+        std::fs::write(&bad_cluster, &image).unwrap();
+        patch(&bad_cluster, 20, &40u32.to_be_bytes());
+        assert!(open_error(&bad_cluster, true).contains("cluster_bits 40"));
+    }
+
+    #[test]
+    fn backing_loop_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+        create_qcow2(&a, None, &[]);
+        create_qcow2(&b, Some("a.qcow2"), &[]);
+        run("qemu-img", &["rebase", "-u", "-F", "qcow2", "-b", "b.qcow2", a.to_str().unwrap()]);
+        let err = open_error(&b, true);
+        assert!(err.contains("Backing file chain loop"), "{err}");
+    }
+
+    #[test]
+    fn writable_open_needs_a_writable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("w.qcow2");
+        create_qcow2(&img, None, &[]);
+        let file = file_node(&img, true);
+        let opts = serde_json::json!({"driver": "qcow2", "file": file.name()});
+        let opts = opts.as_object().unwrap();
+        let lookup = |_: &str| Some(Arc::clone(&file));
+        let ctx = OpenContext::from_options(opts, &lookup).unwrap();
+        let err = open(opts, &ctx).err().unwrap();
+        assert!(err.contains("is read-only"), "{err}");
+    }
+
+    #[test]
+    fn create_makes_images_qemu_img_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cb.qcow2");
+        let top = dir.path().join("ct.qcow2");
+        create(&base, 2 << 20, None).unwrap();
+        create(&top, 2 << 20, Some("cb.qcow2")).unwrap();
+        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
+        let info = run("qemu-img", &["info", "--output=json", top.to_str().unwrap()]);
+        let info: Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["virtual-size"], 2 << 20);
+        assert_eq!(info["backing-filename"], "cb.qcow2");
+        assert_eq!(info["backing-filename-format"], "qcow2");
+        qemu_io(&base, &["write -P 0x61 0 4k"]);
+        let drv = open_qcow2(&top, true);
+        assert_eq!(read(drv.as_ref(), 0, 2), [0x61, 0x61]);
+        assert_eq!(drv.block_status(0, 4096).unwrap().depth, 2);
+    }
+    #[test]
+    fn fuzz_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_chain(dir.path());
+        let orig = std::fs::read(&top).unwrap();
+        let short = dir.path().join("short.qcow2");
+        std::fs::write(&short, &orig[..50]).unwrap();
+        eprintln!("short: {}", open_error(&short, true));
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || { seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17; seed };
+        let f = dir.path().join("f.qcow2");
+        let mut opened = 0;
+        for round in 0..4000 {
+            let mut img = orig.clone();
+            for _ in 0..(1 + rnd() % 8) {
+                // Corrupt metadata areas: header cluster and the first few clusters.
+                let at = (rnd() % (6 * 65536).min(img.len() as u64)) as usize; let at = if rnd() % 2 == 0 { at } else { ((1 + rnd() % 4) as usize * 65536 + (rnd() % 4096) as usize).min(img.len() - 1) };
+                img[at] = rnd() as u8;
+            }
+            std::fs::write(&f, &img).unwrap();
+            let ro = round % 2 == 0;
+            let r = std::panic::catch_unwind(|| {
+                let drv = match try_open(&f, ro, serde_json::json!({}), &[]) { Ok(d) => d, Err(_) => return false };
+                let size = drv.size().min(1 << 24);
+                for off in (0..size).step_by(65536) {
+                    let _ = drv.block_status(off, 65536);
+                    let mut buf = vec![0u8; 4096];
+                    let _ = drv.read_vectored(off, &mut [IoSliceMut::new(&mut buf)]);
+                    if !ro {
+                        let _ = drv.write_vectored(off + 100, &[IoSlice::new(&[1u8; 5000])]);
+                    }
+                }
+                if !ro {
+                    let _ = drv.write_zeroes(0, 65536 * 2, ZeroFlags::default());
+                    let _ = drv.discard(65536, 65536 * 3);
+                    let _ = drv.resize(2 << 20);
+                }
+                true
+            });
+            let grown = std::fs::metadata(&f).unwrap().len();
+            if grown > 64 << 20 { eprintln!("round {round}: file grew to {grown}"); }
+            match r { Ok(true) => opened += 1, Ok(false) => {}, Err(_) => { std::fs::write(dir.path().join("../panic.qcow2"), &img).unwrap(); panic!("panic in round {round}"); } }
+        }
+        eprintln!("opened {opened}");
+    }
+
+}

@@ -1,0 +1,403 @@
+//! The `raw` format driver: its `file` child's bytes, optionally limited to
+//! the window `[offset, offset + size)`.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::{
+    CacheMode,
+    round_up_to_sector, unsigned_option, BlockDriver, BlockNode, Extent, OpenContext, ZeroFlags,
+};
+
+pub struct RawDriver {
+    child: Arc<BlockNode>,
+    offset: u64,
+    /// The `size` option; without it the window runs to the child's end.
+    fixed_size: Option<u64>,
+    read_only: bool,
+}
+
+/// Opens a `raw` node. The `file` member must name an existing node (the
+/// caller opens inline child definitions first and passes their names).
+pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn BlockDriver>, String> {
+    let offset = unsigned_option(opts, "offset")?.unwrap_or(0);
+    let fixed_size = unsigned_option(opts, "size")?;
+    let child_name = match opts.get("file") {
+        Some(Value::String(name)) => name,
+        Some(_) => return Err("raw: the 'file' child must be given as a node name".into()),
+        None => return Err("Parameter 'file' is missing".into()),
+    };
+    let child = ctx.child(child_name)?;
+    let real_size = child.driver().size();
+    if offset > real_size {
+        return Err(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({real_size})"
+        ));
+    }
+    if let Some(size) = fixed_size {
+        if real_size - offset < size {
+            // The double space is QEMU's.
+            return Err(format!(
+                "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({real_size})"
+            ));
+        }
+        // A whole number of sectors, so that rounding cannot leak past the window.
+        if !size.is_multiple_of(512) {
+            return Err("Specified size is not multiple of 512".into());
+        }
+    }
+    let read_only = ctx.read_only || child.driver().read_only();
+    Ok(Box::new(RawDriver {
+        child,
+        offset,
+        fixed_size,
+        read_only,
+    }))
+}
+
+fn no_space() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+impl RawDriver {
+    /// Checks a request against the window and returns the child's offset.
+    fn translate(&self, offset: u64, len: u64) -> io::Result<u64> {
+        let end = offset.checked_add(len).ok_or_else(no_space)?;
+        if end > self.size() {
+            return Err(no_space());
+        }
+        offset.checked_add(self.offset).ok_or_else(no_space)
+    }
+
+    fn refuse_if_read_only(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        match self.fixed_size {
+            Some(size) => size,
+            None => round_up_to_sector(self.child.driver().size().saturating_sub(self.offset)),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.child.driver().request_alignment()
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.child.driver().allocated_size()
+    }
+
+    fn cache_mode(&self) -> CacheMode {
+        self.child.driver().cache_mode()
+    }
+
+    /// The child's filename when the node shows all of it; with a window
+    /// QEMU prints a `json:` description, which the caller builds.
+    fn filename(&self) -> Option<String> {
+        if self.offset == 0 && self.fixed_size.is_none() {
+            self.child.driver().filename()
+        } else {
+            None
+        }
+    }
+
+    fn children(&self) -> Vec<Arc<BlockNode>> {
+        vec![Arc::clone(&self.child)]
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        let at = self.translate(offset, len)?;
+        self.child.driver().read_vectored(at, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        let at = self.translate(offset, len)?;
+        self.child.driver().write_vectored(at, bufs)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.child.driver().flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        let at = self.translate(offset, len)?;
+        self.child.driver().discard(at, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        let at = self.translate(offset, len)?;
+        self.child.driver().write_zeroes(at, len, flags)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let len = len.min(self.size().saturating_sub(offset));
+        if len == 0 {
+            return Ok(Extent {
+                length: 0,
+                data: true,
+                zero: false,
+                depth: 1,
+            });
+        }
+        let at = self.translate(offset, len)?;
+        let mut extent = self.child.driver().block_status(at, len)?;
+        extent.length = extent.length.min(len);
+        Ok(extent)
+    }
+
+    fn resize(&self, new_size: u64) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        if self.fixed_size.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Cannot resize fixed-size raw disks",
+            ));
+        }
+        let child_size = new_size.checked_add(self.offset).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Disk size too large for the chosen offset",
+            )
+        })?;
+        self.child.driver().resize(child_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Graph {
+        nodes: Vec<Arc<BlockNode>>,
+    }
+
+    impl Graph {
+        fn lookup(&self, name: &str) -> Option<Arc<BlockNode>> {
+            self.nodes.iter().find(|n| n.name() == name).cloned()
+        }
+
+        fn open(&self, opts: Value) -> Result<Box<dyn BlockDriver>, String> {
+            let opts = opts.as_object().cloned().unwrap_or_default();
+            let lookup = |name: &str| self.lookup(name);
+            let ctx = OpenContext::from_options(&opts, &lookup)?;
+            let driver = opts
+                .get("driver")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            crate::block::open(&driver, &opts, &ctx)
+        }
+
+        fn add(&mut self, name: &str, opts: Value) -> Arc<BlockNode> {
+            let node = Arc::new(BlockNode::new(name.to_string(), self.open(opts).unwrap()));
+            self.nodes.push(Arc::clone(&node));
+            node
+        }
+    }
+
+    /// A graph with node `f0`: a 64 KiB file whose byte i is i*7 mod 256.
+    fn graph_with_file(extra: Value) -> (Graph, tempfile::NamedTempFile) {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let bytes: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(img.path(), &bytes).unwrap();
+        let mut graph = Graph { nodes: Vec::new() };
+        let mut opts = json!({"driver": "file", "filename": img.path().to_str().unwrap()});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            opts[k] = v;
+        }
+        graph.add("f0", opts);
+        (graph, img)
+    }
+
+    #[test]
+    fn whole_file_passes_through() {
+        let (mut graph, img) = graph_with_file(json!({}));
+        let raw = graph.add("r0", json!({"driver": "raw", "file": "f0"}));
+        let drv = raw.driver();
+        assert_eq!(drv.size(), 65536);
+        assert_eq!(drv.filename().as_deref(), img.path().to_str());
+        assert_eq!(drv.children().len(), 1);
+        assert_eq!(drv.children()[0].name(), "f0");
+        let mut buf = [0u8; 4];
+        drv.read_vectored(10, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert_eq!(buf, [70, 77, 84, 91]);
+        drv.resize(131072).unwrap();
+        assert_eq!(drv.size(), 131072);
+    }
+
+    #[test]
+    fn window_translates_and_bounds_checks() {
+        let (mut graph, img) = graph_with_file(json!({}));
+        let raw = graph.add(
+            "r0",
+            json!({"driver": "raw", "file": "f0", "offset": 1024, "size": 4096}),
+        );
+        let drv = raw.driver();
+        assert_eq!(drv.size(), 4096);
+        assert_eq!(drv.filename(), None);
+        let (mut a, mut b) = ([0u8; 2], [0u8; 3]);
+        drv.read_vectored(1, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
+        let expect = |i: u32| (i * 7) as u8;
+        assert_eq!(a, [expect(1025), expect(1026)]);
+        assert_eq!(b, [expect(1027), expect(1028), expect(1029)]);
+
+        drv.write_vectored(4095, &[IoSlice::new(&[0xaa])]).unwrap();
+        assert_eq!(std::fs::read(img.path()).unwrap()[1024 + 4095], 0xaa);
+        let enospc = Some(libc::ENOSPC);
+        assert_eq!(
+            drv.write_vectored(4095, &[IoSlice::new(&[1, 2])])
+                .unwrap_err()
+                .raw_os_error(),
+            enospc
+        );
+        let mut big = [0u8; 2];
+        assert_eq!(
+            drv.read_vectored(4095, &mut [IoSliceMut::new(&mut big)])
+                .unwrap_err()
+                .raw_os_error(),
+            enospc
+        );
+        assert_eq!(drv.discard(4096, 1).unwrap_err().raw_os_error(), enospc);
+        assert_eq!(
+            drv.write_zeroes(u64::MAX, 2, ZeroFlags::default())
+                .unwrap_err()
+                .raw_os_error(),
+            enospc
+        );
+
+        drv.write_zeroes(0, 512, ZeroFlags::default()).unwrap();
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert!(on_disk[1024..1536].iter().all(|&x| x == 0));
+        assert_eq!(
+            on_disk[1023],
+            expect(1023),
+            "bytes before the window are untouched"
+        );
+        assert_eq!(on_disk[1536], expect(1536));
+        assert_eq!(drv.block_status(0, 1 << 20).unwrap().length, 4096);
+        assert_eq!(
+            drv.resize(8192).unwrap_err().to_string(),
+            "Cannot resize fixed-size raw disks"
+        );
+        drv.flush().unwrap();
+    }
+
+    #[test]
+    fn block_status_follows_the_child() {
+        let (mut graph, _img) = graph_with_file(json!({"discard": "unmap"}));
+        let file = graph.lookup("f0").unwrap();
+        file.driver().discard(16384, 16384).unwrap();
+        let raw = graph.add("r0", json!({"driver": "raw", "file": "f0", "offset": 8192}));
+        let drv = raw.driver();
+        assert_eq!(drv.size(), 65536 - 8192);
+        assert_eq!(
+            drv.block_status(0, 65536).unwrap(),
+            Extent {
+                length: 8192,
+                data: true,
+                zero: false,
+                depth: 1
+            }
+        );
+        assert_eq!(
+            drv.block_status(8192, 65536).unwrap(),
+            Extent {
+                length: 16384,
+                data: false,
+                zero: true,
+                depth: 1
+            }
+        );
+        assert_eq!(drv.block_status(drv.size(), 512).unwrap().length, 0);
+    }
+
+    #[test]
+    fn open_errors_have_qemu_text() {
+        let (graph, _img) = graph_with_file(json!({}));
+        let err = |opts| graph.open(opts).err().unwrap();
+        assert_eq!(
+            err(json!({"driver": "raw", "file": "nope"})),
+            "Cannot find device='nope' nor node-name='nope'"
+        );
+        assert_eq!(
+            err(json!({"driver": "raw", "file": "f0", "offset": 65537})),
+            "Offset (65537) cannot be greater than size of the containing file (65536)"
+        );
+        assert_eq!(
+            err(json!({"driver": "raw", "file": "f0", "offset": 512, "size": 65536})),
+            "The sum of offset (512) and size (65536) has to be smaller or equal to the  actual size of the containing file (65536)"
+        );
+        assert_eq!(
+            err(json!({"driver": "raw", "file": "f0", "size": 1000})),
+            "Specified size is not multiple of 512"
+        );
+        assert_eq!(
+            err(json!({"driver": "raw", "file": "f0", "offset": -1})),
+            "Value '-1' is out of range for parameter 'offset'"
+        );
+    }
+
+    #[test]
+    fn read_only_child_makes_a_read_only_node() {
+        let (mut graph, _img) = graph_with_file(json!({"read-only": true}));
+        let raw = graph.add("r0", json!({"driver": "raw", "file": "f0"}));
+        assert!(raw.driver().read_only());
+        let err = raw
+            .driver()
+            .write_vectored(0, &[IoSlice::new(&[1])])
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn over_null_co() {
+        let mut graph = Graph { nodes: Vec::new() };
+        graph.add(
+            "n0",
+            json!({"driver": "null-co", "size": 1048576, "read-zeroes": true}),
+        );
+        let raw = graph.add(
+            "r0",
+            json!({"driver": "raw", "file": "n0", "offset": 4096, "size": 8192}),
+        );
+        let mut buf = [7u8; 512];
+        raw.driver()
+            .read_vectored(512, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        let e = raw.driver().block_status(0, 1 << 20).unwrap();
+        assert_eq!(
+            e,
+            Extent {
+                length: 8192,
+                data: false,
+                zero: true,
+                depth: 1
+            }
+        );
+    }
+}
