@@ -8,7 +8,6 @@ use qmp::QmpError;
 use crate::daemon::Daemon;
 use crate::graph::Graph;
 use crate::iothread::IoThread;
-use crate::objects::UserObject;
 
 type CmdResult = Result<Value, QmpError>;
 
@@ -151,8 +150,8 @@ impl Daemon {
                 let mut props = args.clone();
                 props.remove("id");
                 props.remove("qom-type");
-                crate::tls::check_object(&qom_type, &props)?;
-                self.objects.insert(id, UserObject { qom_type, props });
+                self.tls.add(&id, &qom_type, &props)?;
+                self.objects.insert(id, qom_type);
             }
         }
         Ok(())
@@ -177,6 +176,7 @@ impl Daemon {
                 )));
             }
             self.objects.remove(id);
+            self.tls.remove(id);
             return Ok(json!({}));
         }
         Err(generic(format!("object '{id}' not found")))

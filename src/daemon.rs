@@ -15,7 +15,6 @@ use crate::export::Exports;
 use crate::graph::Graph;
 use crate::iothread::IoThread;
 use crate::nbd_server::NbdServerState;
-use crate::objects::UserObject;
 use crate::pidfile::Pidfile;
 
 const SIGNAL_TOKEN: u64 = 0;
@@ -67,7 +66,10 @@ pub struct Daemon {
     pub schema: Arc<qmp::Schema>,
     pub graph: Graph,
     pub iothreads: BTreeMap<String, IoThread>,
-    pub objects: BTreeMap<String, UserObject>,
+    /// User-created objects other than iothreads: id to qom-type.
+    pub objects: BTreeMap<String, String>,
+    /// Loaded TLS credentials and authz objects, shared with NBD connection threads.
+    pub tls: crate::tls::Registry,
     pub exports: Exports,
     pub nbd: Option<NbdServerState>,
     pub waker: MainWaker,
@@ -102,6 +104,7 @@ impl Daemon {
             graph: Graph::default(),
             iothreads: BTreeMap::new(),
             objects: BTreeMap::new(),
+            tls: crate::tls::Registry::default(),
             exports: Exports::default(),
             nbd: None,
             waker: MainWaker {

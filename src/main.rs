@@ -13,7 +13,6 @@ mod iothread;
 mod keyval;
 mod nbd_mode;
 mod nbd_server;
-mod objects;
 mod pidfile;
 mod startup;
 mod tls;

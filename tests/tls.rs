@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use common::{have, run, Daemon, Impl};
 use serde_json::{json, Value};
 
+/// Python with the system's ssl module (not a pyenv one).
+const PY: &str = "/usr/bin/python3";
+
 const TOOLS: &[&str] = &["certtool", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"];
 
 fn skip() -> bool {
@@ -662,4 +665,95 @@ fn blkd_refuses_authz_without_verify_peer() {
     assert!(desc.contains("verify-peer=off"), "{desc}");
     // Never serve plaintext in place of TLS: the server did not start at all.
     assert!(!sock.exists());
+}
+
+/// A raw NBD client (Python's ssl module) that presents its certificate whatever CAs the
+/// server names, which GnuTLS clients do not: exercises the server's own issuer and
+/// validity checks. Prints `ok` when the server answers an option after the handshake.
+const STARTTLS_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+def recv(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError("server closed")
+        b += c
+    return b
+assert recv(18)[:16] == b"NBDMAGICIHAVEOPT"
+s.sendall(struct.pack(">I", 3))
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 5, 0))
+magic, opt, typ, ln = struct.unpack(">QIII", recv(20))
+assert (opt, typ, ln) == (5, 1, 0), (opt, typ, ln)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(sys.argv[2] + "/ca-cert.pem")
+ctx.load_cert_chain(sys.argv[2] + "/client-cert.pem", sys.argv[2] + "/client-key.pem")
+try:
+    t = ctx.wrap_socket(s, server_hostname="localhost")
+    t.sendall(b"IHAVEOPT" + struct.pack(">II", 3, 0))
+    reply = t.recv(20)
+    print("ok" if len(reply) == 20 else "refused")
+    t.sendall(b"IHAVEOPT" + struct.pack(">II", 2, 0))
+except (ssl.SSLError, OSError, EOFError) as e:
+    print("refused:", e)
+"#;
+
+#[test]
+fn certificates_from_another_ca_or_expired_are_refused() {
+    if skip() || !have(PY) {
+        return;
+    }
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(certs_dir.path());
+    let script = certs_dir.path().join("starttls.py");
+    std::fs::write(&script, STARTTLS_CLIENT).unwrap();
+    let attempt = |sock: &Path, client: &str| {
+        let out = run(
+            "timeout",
+            &[
+                "30",
+                PY,
+                script.to_str().unwrap(),
+                sock.to_str().unwrap(),
+                &certs.dir(client),
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "client script failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.trim() == "ok"
+    };
+    for which in [Impl::Blkd, Impl::Qsd] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let addr = Addr::Unix(sock.clone());
+        let d = start(which, dir, &certs, &addr, &[], "");
+        assert!(attempt(&sock, GOOD), "{which:?} refused the good client");
+        assert!(
+            !attempt(&sock, OTHER_CA),
+            "{which:?} let in another CA's client"
+        );
+        assert!(
+            !attempt(&sock, EXPIRED),
+            "{which:?} let in an expired certificate"
+        );
+        assert!(attempt(&sock, GOOD), "{which:?} stopped serving");
+        let stderr = stop_and_stderr(d);
+        assert!(
+            stderr.contains("The certificate hasn't got a known issuer"),
+            "{which:?}: {stderr}"
+        );
+        // QSD reports GnuTLS's generic "The certificate is not trusted" for an expired one.
+        let expired = match which {
+            Impl::Blkd => "The certificate has expired",
+            Impl::Qsd => "The certificate is not trusted",
+        };
+        assert!(stderr.contains(expired), "{which:?}: {stderr}");
+    }
 }

@@ -48,8 +48,8 @@ impl Default for Limits {
     }
 }
 
-// Lexer states (json-lexer.c). Values below `TOK_MIN` are states, the others
-// are token types; `LOOKAHEAD` marks a transition that does not consume the
+// Lexer states (json-lexer.c). Values below 100 are states, the others are
+// token types; `LOOKAHEAD` marks a transition that does not consume the
 // current byte.
 const ERROR: u8 = 0;
 const IN_RECOVERY: u8 = 1;
@@ -66,10 +66,8 @@ const IN_MANTISSA_DIGITS: u8 = 11;
 const IN_DIGITS: u8 = 12;
 const IN_SIGN: u8 = 13;
 const IN_KEYWORD: u8 = 14;
-const IN_WHITESPACE: u8 = 15;
-const IN_START: u8 = 16;
+const IN_START: u8 = 15;
 
-const TOK_MIN: u8 = 100;
 const LCURLY: u8 = 100;
 const RCURLY: u8 = 101;
 const LSQUARE: u8 = 102;
@@ -84,9 +82,8 @@ const SKIP: u8 = 110;
 
 /// `(next state, lookahead)` for `state` on byte `c`.
 fn transition(state: u8, c: u8) -> (u8, bool) {
-    // Terminal states: any ASCII byte ends the token without being consumed;
-    // bytes >= 0x80 are errors.
-    let terminal = |tok: u8| if c < 0x80 { (tok, true) } else { (ERROR, false) };
+    // Terminal states: any other byte ends the token without being consumed.
+    let terminal = |tok: u8| (tok, true);
     match state {
         IN_RECOVERY => match c {
             b'\t' => (IN_RECOVERY, false),
@@ -155,10 +152,6 @@ fn transition(state: u8, c: u8) -> (u8, bool) {
             b'a'..=b'z' => (IN_KEYWORD, false),
             _ => terminal(KEYWORD),
         },
-        IN_WHITESPACE => match c {
-            b' ' | b'\t' | b'\r' | b'\n' => (IN_WHITESPACE, false),
-            _ => terminal(SKIP),
-        },
         IN_START => match c {
             b'"' => (IN_DQ_STRING, false),
             b'\'' => (IN_SQ_STRING, false),
@@ -172,7 +165,7 @@ fn transition(state: u8, c: u8) -> (u8, bool) {
             b',' => (COMMA, false),
             b':' => (COLON, false),
             b'a'..=b'z' => (IN_KEYWORD, false),
-            b' ' | b'\t' | b'\r' | b'\n' => (IN_WHITESPACE, false),
+            b' ' | b'\t' | b'\r' | b'\n' => (SKIP, false),
             _ => (ERROR, false),
         },
         _ => unreachable!("lexer state {state}"),
@@ -802,7 +795,7 @@ mod tests {
             json!({"execute": "x", "id": [1, -2, 3.5, true, null]})
         )]);
         assert_eq!(feed(b"{'execute': 'query-version'}"), vec![Ok(json!({"execute": "query-version"}))]);
-        assert_eq!(feed(b"18446744073709551615"), vec![Ok(json!(18446744073709551615u64))]);
+        assert_eq!(feed(b"18446744073709551615 "), vec![Ok(json!(18446744073709551615u64))]);
         assert_eq!(feed(b"-9223372036854775808 "), vec![Ok(json!(-9223372036854775808i64))]);
         assert_eq!(feed(b"18446744073709551616 "), vec![Ok(json!(18446744073709551616.0))]);
         assert_eq!(feed(b"\"\\u00e9\\ud83d\\ude00\\u0000\xc3\xa9\xc0\x80\""), vec![Ok(json!(

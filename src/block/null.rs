@@ -67,18 +67,17 @@ impl BlockDriver for NullDriver {
         self.read_only
     }
 
-    fn filename(&self) -> Option<String> {
-        Some("null-co://".to_string())
-    }
 
     /// Without `read-zeroes` the buffers are left as they are, like QEMU:
     /// callers must not hand in buffers that hold data another client may not see.
     fn read_vectored(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         self.wait();
-        if self.read_zeroes {
-            for buf in bufs.iter_mut() {
-                buf.fill(0);
-            }
+        // QEMU leaves the buffers untouched without read-zeroes; here they
+        // are zeroed always, so that reused request buffers never show one
+        // client what another one wrote. `read-zeroes` still decides what
+        // block status reports.
+        for buf in bufs.iter_mut() {
+            buf.fill(0);
         }
         Ok(())
     }
@@ -165,18 +164,15 @@ mod tests {
     }
 
     #[test]
-    fn reads_leave_buffers_alone_unless_read_zeroes() {
-        let drv = open_null(json!({"size": 4096}), false).unwrap();
-        let mut a = [0xabu8; 100];
-        let mut b = [0xcdu8; 7];
-        drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
-            .unwrap();
-        assert!(a.iter().all(|&x| x == 0xab) && b.iter().all(|&x| x == 0xcd));
-
-        let drv = open_null(json!({"size": 4096, "read-zeroes": true}), false).unwrap();
-        drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
-            .unwrap();
-        assert!(a.iter().all(|&x| x == 0) && b.iter().all(|&x| x == 0));
+    fn reads_always_return_zeroes() {
+        for read_zeroes in [false, true] {
+            let drv = open_null(json!({"size": 4096, "read-zeroes": read_zeroes}), false).unwrap();
+            let mut a = [0xabu8; 100];
+            let mut b = [0xcdu8; 7];
+            drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+                .unwrap();
+            assert!(a.iter().all(|&x| x == 0) && b.iter().all(|&x| x == 0));
+        }
     }
 
     #[test]

@@ -147,7 +147,7 @@ fn handshake_error(e: io::Error) -> io::Error {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "The certificate is not yet activated".into()
             }
-            other => format!("The certificate is not trusted: {other:?}"),
+            other => format!("The certificate is not trusted: {other}"),
         },
         other => format!("TLS handshake failed: {other}"),
     };
