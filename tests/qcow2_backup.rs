@@ -91,7 +91,7 @@ fn allocation_depth_and_base_allocation_maps_match_qsd() {
         // The three states are all there: local, backing, unallocated.
         assert!(ours.0.contains("local"), "{}", ours.0);
         assert!(ours.0.contains("backing depth 2"), "{}", ours.0);
-        assert!(ours.0.contains("unallocated"), "{}", ours.0);
+        assert!(ours.0.contains("absent"), "{}", ours.0);
     }
 }
 

@@ -19,7 +19,11 @@ fn both(steps: impl Fn(&Daemon) -> Vec<(&'static str, Value)>) -> (Vec<Value>, V
     let run = |which| {
         let d = Daemon::start(which, &[]);
         let mut qmp = d.qmp();
+        let dir = d.dir.path().display().to_string();
         replies(&mut qmp, &steps(&d))
+            .into_iter()
+            .map(|v| serde_json::from_str(&v.to_string().replace(&dir, "$DIR")).unwrap())
+            .collect()
     };
     (run(Impl::Blkd), run(Impl::Qsd))
 }

@@ -221,6 +221,8 @@ impl Schema {
             .collect::<Vec<_>>()
             .join("\n");
         let defs: Value = serde_json::from_str(&text).map_err(|e| format!("schema: {e}"))?;
+        // serde_json keeps the last of duplicate keys; QEMU's parser refuses them.
+        crate::json::from_str(&text).map_err(|e| format!("schema: {e}"))?;
         let Value::Array(defs) = defs else {
             return Err("schema: the top level must be an array of definitions".into());
         };
@@ -286,7 +288,7 @@ impl Schema {
         let EntityKind::Command { arg, .. } = &self.entities[idx].kind else { unreachable!() };
         let ty = arg.unwrap_or(self.empty);
         let root = Value::Object(args);
-        match Visitor::new(self, &root, InputMode::Json).visit_root(ty)? {
+        match self.run_visitor(ty, &root, InputMode::Json)? {
             Value::Object(map) => Ok(map),
             _ => unreachable!("argument types are objects"),
         }
@@ -301,7 +303,29 @@ impl Schema {
         let Some(ty) = self.lookup(type_name) else {
             return Err(format!("unknown schema type '{type_name}'"));
         };
-        Visitor::new(self, &value, mode).visit_root(ty)
+        self.run_visitor(ty, &value, mode)
+    }
+
+    /// Runs the visitor; deeply nested input (up to the 1024 levels the JSON
+    /// parser lets through, e.g. `BlockdevRef` inside `BlockdevRef`) gets a
+    /// helper thread with a large stack, since the recursion needs several
+    /// KiB per level in debug builds.
+    fn run_visitor(&self, ty: TypeId, root: &Value, mode: InputMode) -> Result<Value, String> {
+        const INLINE_DEPTH: usize = 32;
+        const DEEP_STACK: usize = 64 << 20;
+        if nesting_depth(root) <= INLINE_DEPTH {
+            return Visitor::new(self, root, mode).visit_root(ty);
+        }
+        std::thread::scope(|scope| {
+            let spawned = std::thread::Builder::new()
+                .name("qmp-visit".into())
+                .stack_size(DEEP_STACK)
+                .spawn_scoped(scope, || Visitor::new(self, root, mode).visit_root(ty));
+            match spawned {
+                Ok(handle) => handle.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                Err(_) => Visitor::new(self, root, mode).visit_root(ty),
+            }
+        })
     }
 
     /// The member names of an object type, base members first (empty for
@@ -320,6 +344,21 @@ impl Schema {
             _ => Vec::new(),
         }
     }
+}
+
+/// The nesting depth of a value (scalars 0), computed without recursion.
+fn nesting_depth(v: &Value) -> usize {
+    let mut max = 0;
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 0)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Raw definitions are resolved in two passes: first every named type gets an
@@ -427,10 +466,10 @@ impl Builder {
     /// Resolves an object type's body if still pending, and returns its
     /// flattened members.
     fn resolve_object(&mut self, id: TypeId) -> Result<Vec<Member>, String> {
+        if self.resolving.contains(&id) {
+            return Err(format!("schema: '{}' is its own base", self.types[id].name));
+        }
         if let Some(pending) = self.pending.remove(&id) {
-            if self.resolving.contains(&id) {
-                return Err(format!("schema: '{}' is its own base", self.types[id].name));
-            }
             self.resolving.push(id);
             let name = self.types[id].name.clone();
             let what = format!("'{name}'");
@@ -912,4 +951,87 @@ fn sorted_object(obj: Map<String, Value>) -> Value {
     let mut sorted: Vec<(String, Value)> = obj.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     Value::Object(sorted.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+# A comment line.
+[
+  {"enum": "Mode", "data": ["safe", {"name": "hard", "features": ["unstable"]}]},
+  {"struct": "Base", "data": {"id": "str", "*n": "uint16"}},
+  {"struct": "Thing", "base": "Base", "data": {"*list": ["int8"], "*flag": {"type": "bool", "features": ["deprecated"]}}},
+  {"alternate": "Ref", "data": {"definition": "Thing", "reference": "str"}},
+  {"union": "U", "base": {"kind": "Mode", "*common": "size"}, "discriminator": "kind",
+   "data": {"safe": "Thing"}},
+  {"command": "do-thing", "data": {"ref": "Ref", "*mode": "Mode"}, "returns": ["Thing"]},
+  {"command": "do-union", "data": "U", "boxed": true, "features": ["deprecated"]},
+  {"command": "ping", "allow-oob": true},
+  {"event": "THING_HAPPENED", "data": {"id": "str"}},
+  {"event": "BARE"}
+]"#;
+
+    #[test]
+    fn introspection_matches_qemu_format() {
+        let s = Schema::from_source(SMALL).unwrap();
+        let expected = json!([
+            {"arg-type": "0", "meta-type": "command", "name": "do-thing", "ret-type": "[1]"},
+            {"arg-type": "2", "features": ["deprecated"], "meta-type": "command", "name": "do-union", "ret-type": "3"},
+            {"allow-oob": true, "arg-type": "3", "meta-type": "command", "name": "ping", "ret-type": "3"},
+            {"arg-type": "4", "meta-type": "event", "name": "THING_HAPPENED"},
+            {"arg-type": "3", "meta-type": "event", "name": "BARE"},
+            {"members": [{"name": "ref", "type": "5"}, {"default": null, "name": "mode", "type": "6"}],
+             "meta-type": "object", "name": "0"},
+            {"element-type": "1", "meta-type": "array", "name": "[1]"},
+            {"members": [{"name": "id", "type": "str"}, {"default": null, "name": "n", "type": "int"},
+                         {"default": null, "name": "list", "type": "[int]"},
+                         {"default": null, "features": ["deprecated"], "name": "flag", "type": "bool"}],
+             "meta-type": "object", "name": "1"},
+            {"members": [{"name": "kind", "type": "6"}, {"default": null, "name": "common", "type": "int"}],
+             "meta-type": "object", "name": "2", "tag": "kind", "variants": [{"case": "safe", "type": "1"}]},
+            {"members": [], "meta-type": "object", "name": "3"},
+            {"members": [{"name": "id", "type": "str"}], "meta-type": "object", "name": "4"},
+            {"members": [{"type": "1"}, {"type": "str"}], "meta-type": "alternate", "name": "5"},
+            {"members": [{"name": "safe"}, {"features": ["unstable"], "name": "hard"}],
+             "meta-type": "enum", "name": "6", "values": ["safe", "hard"]},
+            {"json-type": "string", "meta-type": "builtin", "name": "str"},
+            {"json-type": "int", "meta-type": "builtin", "name": "int"},
+            {"element-type": "int", "meta-type": "array", "name": "[int]"},
+            {"json-type": "boolean", "meta-type": "builtin", "name": "bool"},
+        ]);
+        assert_eq!(s.introspect(), expected);
+    }
+
+    #[test]
+    fn command_lists() {
+        let s = Schema::from_source(SMALL).unwrap();
+        assert_eq!(s.command_names(), ["ping", "do-union", "do-thing"]);
+        assert_eq!(s.query_commands(), json!([{"name": "ping"}, {"name": "do-union"}, {"name": "do-thing"}]));
+        assert!(s.has_command("ping") && !s.has_command("THING_HAPPENED"));
+        assert!(s.has_event("BARE"));
+        assert!(s.command_allows_oob("ping") && !s.command_allows_oob("do-thing"));
+        assert_eq!(s.member_names("Thing"), ["id", "n", "list", "flag"]);
+        assert_eq!(s.enum_values("Mode"), ["safe", "hard"]);
+    }
+
+    #[test]
+    fn source_errors() {
+        let err = |src: &str| Schema::from_source(src).unwrap_err();
+        assert!(err("{}").contains("array"));
+        assert!(err(r#"[{"struct": "A", "data": {"x": "Nope"}}]"#).contains("unknown type 'Nope'"));
+        assert!(err(r#"[{"struct": "A"}, {"enum": "A", "data": []}]"#).contains("duplicate definition of 'A'"));
+        assert!(err(r#"[{"struct": "A", "base": "A"}]"#).contains("its own base"));
+        assert!(err(r#"[{"struct": "A", "data": {}, "bogus": 1}]"#).contains("unknown key 'bogus'"));
+        assert!(err(r#"[{"enum": "E", "data": ["a"]}, {"union": "U", "base": {"k": "str"}, "discriminator": "k", "data": {}}]"#)
+            .contains("must be an enum"));
+        assert!(err(r#"[{"enum": "E", "data": ["a"]}, {"struct": "S"}, {"union": "U", "base": {"k": "E"}, "discriminator": "k", "data": {"b": "S"}}]"#)
+            .contains("branch 'b' is not a value"));
+        assert!(err(r#"[{"struct": "S", "data": {"k": "str"}}, {"enum": "E", "data": ["a"]}, {"union": "U", "base": {"k": "E"}, "discriminator": "k", "data": {"a": "S"}}]"#)
+            .contains("clashes with the base"));
+        assert!(err(r#"[{"alternate": "A", "data": {"a": "str", "b": "str"}}]"#).contains("ambiguous"));
+        assert!(err(r#"[{"command": "c"}, {"command": "c"}]"#).contains("duplicate command"));
+        assert!(err(r#"[{"struct": "S", "data": {"a": "int", "a": "str"}}]"#).contains("duplicate"));
+    }
 }
