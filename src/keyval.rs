@@ -35,7 +35,10 @@ pub fn parse(input: &str, implied_key: Option<&str>) -> Result<Map<String, Value
 
 /// Parses `input`, also reporting whether `help` (or `?`) was asked for, as
 /// `--object help` and `--object iothread,help` do.
-pub fn parse_with_help(input: &str, implied_key: Option<&str>) -> Result<(Map<String, Value>, bool), String> {
+pub fn parse_with_help(
+    input: &str,
+    implied_key: Option<&str>,
+) -> Result<(Map<String, Value>, bool), String> {
     let mut root = Map::new();
     let mut help = false;
     let mut implied_key = implied_key;
@@ -52,7 +55,9 @@ pub fn parse_with_help(input: &str, implied_key: Option<&str>) -> Result<(Map<St
 
 /// `strcspn(s, "=,")`.
 fn key_span(s: &[u8]) -> usize {
-    s.iter().position(|&c| c == b'=' || c == b',').unwrap_or(s.len())
+    s.iter()
+        .position(|&c| c == b'=' || c == b',')
+        .unwrap_or(s.len())
 }
 
 fn starts_with_help_option(s: &str) -> usize {
@@ -130,7 +135,12 @@ fn dict_at<'a>(root: &'a mut Map<String, Value>, path: &[String]) -> &'a mut Map
 
 /// `keyval_parse_put()`: stores a string (`Some`) or makes sure a nested
 /// dictionary exists (`None`). `key_so_far` names the key for errors.
-fn put(cur: &mut Map<String, Value>, key_in_cur: &str, value: Option<String>, key_so_far: &str) -> Result<(), String> {
+fn put(
+    cur: &mut Map<String, Value>,
+    key_in_cur: &str,
+    value: Option<String>,
+    key_so_far: &str,
+) -> Result<(), String> {
     match cur.get_mut(key_in_cur) {
         Some(old) => {
             if old.is_string() != value.is_some() {
@@ -200,8 +210,15 @@ fn parse_one(
             return Err(format!("Invalid parameter '{}'", &key[..key_end]));
         }
         if flen > MAX_FRAGMENT {
-            let fragment = if s != 0 || s + flen != key_end { " fragment" } else { "" };
-            return Err(format!("Parameter{fragment} '{}' is too long", &key[s..s + flen]));
+            let fragment = if s != 0 || s + flen != key_end {
+                " fragment"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "Parameter{fragment} '{}' is too long",
+                &key[s..s + flen]
+            ));
         }
         if s != 0 {
             put(dict_at(root, &path), &key_in_cur, None, &key[..s - 1])?;
@@ -243,7 +260,12 @@ fn parse_one(
             (String::from_utf8(val).expect("UTF-8 value"), s)
         }
     };
-    put(dict_at(root, &path), &key_in_cur, Some(value), &key[..key_end])?;
+    put(
+        dict_at(root, &path),
+        &key_in_cur,
+        Some(value),
+        &key[..key_end],
+    )?;
     Ok(consumed)
 }
 
@@ -261,8 +283,11 @@ fn qdict_bucket(key: &str) -> u32 {
 
 /// Keys of `map` in QDict iteration order.
 fn qdict_order(map: &Map<String, Value>) -> Vec<String> {
-    let mut keys: Vec<(u32, usize, &String)> =
-        map.keys().enumerate().map(|(i, k)| (qdict_bucket(k), i, k)).collect();
+    let mut keys: Vec<(u32, usize, &String)> = map
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (qdict_bucket(k), i, k))
+        .collect();
     keys.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     keys.into_iter().map(|(_, _, k)| k.clone()).collect()
 }
@@ -285,7 +310,9 @@ fn listify(mut cur: Map<String, Value>, key_of_cur: &[String]) -> Result<Value, 
             has_member = true;
         }
         if let Some(Value::Object(_)) = cur.get(k) {
-            let Some(Value::Object(inner)) = cur.get_mut(k).map(Value::take) else { unreachable!() };
+            let Some(Value::Object(inner)) = cur.get_mut(k).map(Value::take) else {
+                unreachable!()
+            };
             let mut path = key_of_cur.to_vec();
             path.push(k.clone());
             let v = listify(inner, &path)?;
@@ -293,7 +320,10 @@ fn listify(mut cur: Map<String, Value>, key_of_cur: &[String]) -> Result<Value, 
         }
     }
     if has_index && has_member {
-        return Err(format!("Parameters '{}*' used inconsistently", reassemble(key_of_cur)));
+        return Err(format!(
+            "Parameters '{}*' used inconsistently",
+            reassemble(key_of_cur)
+        ));
     }
     if !has_index {
         return Ok(Value::Object(cur));
@@ -313,7 +343,13 @@ fn listify(mut cur: Map<String, Value>, key_of_cur: &[String]) -> Result<Value, 
     for (i, e) in elt.into_iter().enumerate().take(nelt.min(max_index + 1)) {
         match e {
             Some(v) => list.push(v),
-            None => return Err(format!("Parameter '{}{}' missing", reassemble(key_of_cur), i)),
+            None => {
+                return Err(format!(
+                    "Parameter '{}{}' missing",
+                    reassemble(key_of_cur),
+                    i
+                ))
+            }
         }
     }
     Ok(Value::Array(list))
@@ -334,8 +370,14 @@ mod tests {
             p("driver=null-co,node-name=n0", None),
             Ok(json!({"driver": "null-co", "node-name": "n0"}))
         );
-        assert_eq!(p("null-co,node-name=n0", Some("driver")), Ok(json!({"driver": "null-co", "node-name": "n0"})));
-        assert_eq!(p("driver=null-co,node-name=n0,", None), Ok(json!({"driver": "null-co", "node-name": "n0"})));
+        assert_eq!(
+            p("null-co,node-name=n0", Some("driver")),
+            Ok(json!({"driver": "null-co", "node-name": "n0"}))
+        );
+        assert_eq!(
+            p("driver=null-co,node-name=n0,", None),
+            Ok(json!({"driver": "null-co", "node-name": "n0"}))
+        );
         assert_eq!(p("", Some("driver")), Ok(json!({})));
         assert_eq!(p("a=", None), Ok(json!({"a": ""})));
         // A key given twice keeps its first position and its last value.
@@ -347,53 +389,99 @@ mod tests {
     #[test]
     fn nesting_and_lists() {
         assert_eq!(
-            p("nbd,addr.type=unix,addr.path=/tmp/x.sock,bitmaps.0=b0,bitmaps.1=b1", Some("type")),
-            Ok(json!({"type": "nbd", "addr": {"type": "unix", "path": "/tmp/x.sock"}, "bitmaps": ["b0", "b1"]}))
+            p(
+                "nbd,addr.type=unix,addr.path=/tmp/x.sock,bitmaps.0=b0,bitmaps.1=b1",
+                Some("type")
+            ),
+            Ok(
+                json!({"type": "nbd", "addr": {"type": "unix", "path": "/tmp/x.sock"}, "bitmaps": ["b0", "b1"]})
+            )
         );
         assert_eq!(
             p("rules.0.match=a,rules.0.policy=allow,rules.1.match=b", None),
             Ok(json!({"rules": [{"match": "a", "policy": "allow"}, {"match": "b"}]}))
         );
-        assert_eq!(p("bitmaps.1=b,bitmaps.0=a", None), Ok(json!({"bitmaps": ["a", "b"]})));
+        assert_eq!(
+            p("bitmaps.1=b,bitmaps.0=a", None),
+            Ok(json!({"bitmaps": ["a", "b"]}))
+        );
     }
 
     #[test]
     fn commas() {
         assert_eq!(
-            p("authz-simple,id=auth0,identity=C=GB,,O=QSD Test,,CN=qsd-client", Some("qom-type")),
-            Ok(json!({"qom-type": "authz-simple", "id": "auth0", "identity": "C=GB,O=QSD Test,CN=qsd-client"}))
+            p(
+                "authz-simple,id=auth0,identity=C=GB,,O=QSD Test,,CN=qsd-client",
+                Some("qom-type")
+            ),
+            Ok(
+                json!({"qom-type": "authz-simple", "id": "auth0", "identity": "C=GB,O=QSD Test,CN=qsd-client"})
+            )
         );
         // Without doubling, 'O' becomes a key of its own (the visitor then
         // reports "Parameter 'O' is unexpected").
-        assert_eq!(p("identity=C=GB,O=x", None), Ok(json!({"identity": "C=GB", "O": "x"})));
+        assert_eq!(
+            p("identity=C=GB,O=x", None),
+            Ok(json!({"identity": "C=GB", "O": "x"}))
+        );
         assert_eq!(p("a=x,,,b=y", None), Ok(json!({"a": "x,", "b": "y"})));
         // The implied value ends at the first comma.
-        assert_eq!(p("null-co,,x,node-name=a", Some("driver")), Err("Invalid parameter ''".into()));
+        assert_eq!(
+            p("null-co,,x,node-name=a", Some("driver")),
+            Err("Invalid parameter ''".into())
+        );
     }
 
     #[test]
     fn errors_as_qemu() {
         let e = |s: &str| p(s, Some("driver")).unwrap_err();
-        assert_eq!(e("null-co,node-name=a,foo"), "Expected '=' after parameter 'foo'");
-        assert_eq!(e("driver=null-co,null-co"), "Expected '=' after parameter 'null-co'");
+        assert_eq!(
+            e("null-co,node-name=a,foo"),
+            "Expected '=' after parameter 'foo'"
+        );
+        assert_eq!(
+            e("driver=null-co,null-co"),
+            "Expected '=' after parameter 'null-co'"
+        );
         assert_eq!(e("null-co,node-name=a,=x"), "Invalid parameter ''");
         assert_eq!(e("null-co,node-name=a,1a=x"), "Invalid parameter '1a'");
         assert_eq!(e("null-co,a.b$=x"), "Invalid parameter 'a.b$'");
         assert_eq!(e("null-co,node-name=a,a.1=x"), "Parameter 'a.0' missing");
-        assert_eq!(e("null-co,node-name=a,bogus.0=x,bogus.2=y"), "Parameter 'bogus.1' missing");
-        assert_eq!(e("null-co,node-name=a,bogus.0=x,bogus.a=y"), "Parameters 'bogus.*' used inconsistently");
-        assert_eq!(e("null-co,cache.direct=on,cache=x"), "Parameters 'cache.*' used inconsistently");
-        assert_eq!(e("null-co,cache=x,cache.direct=on"), "Parameters 'cache.*' used inconsistently");
+        assert_eq!(
+            e("null-co,node-name=a,bogus.0=x,bogus.2=y"),
+            "Parameter 'bogus.1' missing"
+        );
+        assert_eq!(
+            e("null-co,node-name=a,bogus.0=x,bogus.a=y"),
+            "Parameters 'bogus.*' used inconsistently"
+        );
+        assert_eq!(
+            e("null-co,cache.direct=on,cache=x"),
+            "Parameters 'cache.*' used inconsistently"
+        );
+        assert_eq!(
+            e("null-co,cache=x,cache.direct=on"),
+            "Parameters 'cache.*' used inconsistently"
+        );
         assert_eq!(e("help"), "Help is not available for this option");
         assert_eq!(e("null-co,help"), "Help is not available for this option");
         let long = "a".repeat(140);
-        assert_eq!(e(&format!("null-co,{long}=1")), format!("Parameter '{long}' is too long"));
-        assert_eq!(e(&format!("null-co,x.{long}=1")), format!("Parameter fragment '{long}' is too long"));
+        assert_eq!(
+            e(&format!("null-co,{long}=1")),
+            format!("Parameter '{long}' is too long")
+        );
+        assert_eq!(
+            e(&format!("null-co,x.{long}=1")),
+            format!("Parameter fragment '{long}' is too long")
+        );
     }
 
     #[test]
     fn help() {
-        assert_eq!(parse_with_help("help", Some("qom-type")), Ok((Map::new(), true)));
+        assert_eq!(
+            parse_with_help("help", Some("qom-type")),
+            Ok((Map::new(), true))
+        );
         let (m, h) = parse_with_help("iothread,help", Some("qom-type")).unwrap();
         assert!(h);
         assert_eq!(Value::Object(m), json!({"qom-type": "iothread"}));
@@ -405,8 +493,14 @@ mod tests {
     #[test]
     fn unusual_indexes() {
         // Huge indexes saturate and are reported as the first gap.
-        assert_eq!(p("a.99999999999=x", None), Err("Parameter 'a.0' missing".into()));
-        assert_eq!(p("a.0=x,a.5=y", None), Err("Parameter 'a.1' missing".into()));
+        assert_eq!(
+            p("a.99999999999=x", None),
+            Err("Parameter 'a.0' missing".into())
+        );
+        assert_eq!(
+            p("a.0=x,a.5=y", None),
+            Err("Parameter 'a.1' missing".into())
+        );
         // A list below a list.
         assert_eq!(p("a.0.0=x,a.0.1=y", None), Ok(json!({"a": [["x", "y"]]})));
     }

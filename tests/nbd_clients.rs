@@ -217,20 +217,22 @@ fn fio_verify_with_several_connections() {
     }
     let d = start(Impl::Blkd, true, "");
     let out = Command::new("fio")
+        .current_dir(d.dir.path())
         .args([
             "--name=verify", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
             "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--numjobs=1",
-            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Three connections at once on separate regions.
     let out = Command::new("fio")
+        .current_dir(d.dir.path())
         .args([
             "--name=multi", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
             "--rw=randrw", "--bs=4k", "--size=2M", "--iodepth=8", "--numjobs=3",
-            "--offset_increment=2M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--offset_increment=2M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
         ])
         .output()
         .unwrap();

@@ -42,7 +42,10 @@ pub struct QmpError {
 
 impl QmpError {
     pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
-        QmpError { class, desc: desc.into() }
+        QmpError {
+            class,
+            desc: desc.into(),
+        }
     }
 
     /// A `GenericError`, the class of nearly every QEMU error.
@@ -52,7 +55,10 @@ impl QmpError {
 
     /// `The command <name> has not been found` (`CommandNotFound`).
     pub fn command_not_found(name: &str) -> Self {
-        Self::new(ErrorClass::CommandNotFound, format!("The command {name} has not been found"))
+        Self::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {name} has not been found"),
+        )
     }
 }
 

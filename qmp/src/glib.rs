@@ -14,9 +14,9 @@ const UNUSED: u32 = 0;
 const TOMBSTONE: u32 = 1;
 
 const PRIME_MOD: [u32; 32] = [
-    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071, 262139, 524287,
-    1048573, 2097143, 4194301, 8388593, 16777213, 33554393, 67108859, 134217689, 268435399, 536870909, 1073741789,
-    2147483647,
+    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
+    262139, 524287, 1048573, 2097143, 4194301, 8388593, 16777213, 33554393, 67108859, 134217689,
+    268435399, 536870909, 1073741789, 2147483647,
 ];
 
 /// `g_str_hash()` (djb2 over *signed* chars).
@@ -45,8 +45,15 @@ pub(crate) struct StrSet {
 
 impl StrSet {
     pub fn new() -> Self {
-        let mut s =
-            StrSet { size: 0, modulo: 0, mask: 0, nnodes: 0, noccupied: 0, hashes: Vec::new(), keys: Vec::new() };
+        let mut s = StrSet {
+            size: 0,
+            modulo: 0,
+            mask: 0,
+            nnodes: 0,
+            noccupied: 0,
+            hashes: Vec::new(),
+            keys: Vec::new(),
+        };
         s.set_shift(MIN_SHIFT);
         s.hashes = vec![UNUSED; s.size];
         s.keys = vec![None; s.size];
@@ -112,7 +119,9 @@ impl StrSet {
 
     /// The key `g_hash_table_iter_next()` returns first.
     pub fn first(&self) -> Option<&str> {
-        (0..self.size).find(|&i| is_real(self.hashes[i])).and_then(|i| self.keys[i].as_deref())
+        (0..self.size)
+            .find(|&i| is_real(self.hashes[i]))
+            .and_then(|i| self.keys[i].as_deref())
     }
 
     fn maybe_resize(&mut self) {

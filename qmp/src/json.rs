@@ -44,7 +44,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_token_size: MAX_TOKEN_SIZE, max_token_count: MAX_TOKEN_COUNT, max_nesting: MAX_NESTING }
+        Limits {
+            max_token_size: MAX_TOKEN_SIZE,
+            max_token_count: MAX_TOKEN_COUNT,
+            max_nesting: MAX_NESTING,
+        }
     }
 }
 
@@ -266,7 +270,8 @@ impl JsonStreamer {
             }
             let mut new_state = next;
             match next {
-                LCURLY | RCURLY | LSQUARE | RSQUARE | COLON | COMMA | INTEGER | FLOAT | KEYWORD | STRING => {
+                LCURLY | RCURLY | LSQUARE | RSQUARE | COLON | COMMA | INTEGER | FLOAT | KEYWORD
+                | STRING => {
                     let tok = std::mem::take(&mut self.token);
                     self.process_token(next, &tok, out);
                     self.recycle(tok);
@@ -350,10 +355,17 @@ impl JsonStreamer {
         }
         let start = self.text.len() as u32;
         self.text.extend_from_slice(token);
-        self.tokens.push(Token { kind, start, len: token.len() as u32 });
+        self.tokens.push(Token {
+            kind,
+            start,
+            len: token.len() as u32,
+        });
         self.token_size += token.len();
 
-        if (self.brace_count > 0 || self.bracket_count > 0) && self.brace_count >= 0 && self.bracket_count >= 0 {
+        if (self.brace_count > 0 || self.bracket_count > 0)
+            && self.brace_count >= 0
+            && self.bracket_count >= 0
+        {
             return;
         }
         let result = self.parse_queue();
@@ -361,7 +373,12 @@ impl JsonStreamer {
     }
 
     fn parse_queue(&self) -> Result<Value, String> {
-        let mut p = Parser { tokens: &self.tokens, text: &self.text, pos: 0, err: None };
+        let mut p = Parser {
+            tokens: &self.tokens,
+            text: &self.text,
+            pos: 0,
+            err: None,
+        };
         let v = p.parse_value();
         match p.err {
             Some(e) => Err(e),
@@ -593,7 +610,9 @@ impl<'a> Parser<'a> {
                 }
                 Some(float_value(s))
             }
-            _ => Some(float_value(std::str::from_utf8(text).expect("ASCII number"))),
+            _ => Some(float_value(
+                std::str::from_utf8(text).expect("ASCII number"),
+            )),
         }
     }
 
@@ -719,9 +738,8 @@ pub(crate) fn mod_utf8_codepoint(s: &[u8]) -> (i32, usize) {
     let cp: i64;
     if byte < 0x80 {
         cp = byte as i64;
-    } else if byte >= 0xFE {
-        cp = -1;
-    } else if byte & 0x40 == 0 {
+    } else if byte >= 0xFE || byte & 0x40 == 0 {
+        // Impossible byte, or a continuation byte out of place.
         cp = -1;
     } else {
         let mut len = 0usize;
@@ -739,13 +757,12 @@ pub(crate) fn mod_utf8_codepoint(s: &[u8]) -> (i32, usize) {
             p += 1;
             c = (c << 6) | (b & 0x3F) as i64;
         }
-        if c > 0x10FFFF || !crate::output::is_valid_codepoint(c as u32) {
-            cp = -1;
-        } else if c < MIN_CP[len - 2] && !(c == 0 && len == 2) {
-            cp = -1;
+        let overlong = c < MIN_CP[len - 2] && !(c == 0 && len == 2);
+        cp = if c > 0x10FFFF || !crate::output::is_valid_codepoint(c as u32) || overlong {
+            -1
         } else {
-            cp = c;
-        }
+            c
+        };
     }
     (cp as i32, p)
 }
@@ -791,16 +808,30 @@ mod tests {
 
     #[test]
     fn basic_values() {
-        assert_eq!(feed(b"{\"execute\": \"x\", \"id\": [1, -2, 3.5, true, null]}"), vec![Ok(
-            json!({"execute": "x", "id": [1, -2, 3.5, true, null]})
-        )]);
-        assert_eq!(feed(b"{'execute': 'query-version'}"), vec![Ok(json!({"execute": "query-version"}))]);
-        assert_eq!(feed(b"18446744073709551615 "), vec![Ok(json!(18446744073709551615u64))]);
-        assert_eq!(feed(b"-9223372036854775808 "), vec![Ok(json!(-9223372036854775808i64))]);
-        assert_eq!(feed(b"18446744073709551616 "), vec![Ok(json!(18446744073709551616.0))]);
-        assert_eq!(feed(b"\"\\u00e9\\ud83d\\ude00\\u0000\xc3\xa9\xc0\x80\""), vec![Ok(json!(
-            "\u{e9}\u{1F600}\u{0}\u{e9}\u{0}"
-        ))]);
+        assert_eq!(
+            feed(b"{\"execute\": \"x\", \"id\": [1, -2, 3.5, true, null]}"),
+            vec![Ok(json!({"execute": "x", "id": [1, -2, 3.5, true, null]}))]
+        );
+        assert_eq!(
+            feed(b"{'execute': 'query-version'}"),
+            vec![Ok(json!({"execute": "query-version"}))]
+        );
+        assert_eq!(
+            feed(b"18446744073709551615 "),
+            vec![Ok(json!(18446744073709551615u64))]
+        );
+        assert_eq!(
+            feed(b"-9223372036854775808 "),
+            vec![Ok(json!(-9223372036854775808i64))]
+        );
+        assert_eq!(
+            feed(b"18446744073709551616 "),
+            vec![Ok(json!(18446744073709551616.0))]
+        );
+        assert_eq!(
+            feed(b"\"\\u00e9\\ud83d\\ude00\\u0000\xc3\xa9\xc0\x80\""),
+            vec![Ok(json!("\u{e9}\u{1F600}\u{0}\u{e9}\u{0}"))]
+        );
         assert_eq!(feed(b"'it\\'s'"), vec![Ok(json!("it's"))]);
     }
 
@@ -829,31 +860,83 @@ mod tests {
 
     #[test]
     fn protocol_error_table() {
-        assert_eq!(errs(b"{\"execute\": \"a\", \"execute\": \"b\"}"), ["JSON parse error, duplicate key"]);
-        assert_eq!(errs(b"{\"execute\": }"), ["JSON parse error, expecting value"]);
-        assert_eq!(errs(b"{\"execute\": \"x\",}"), ["JSON parse error, expecting value"]);
-        assert_eq!(errs(b"hello\n"), ["JSON parse error, invalid keyword 'hello'"]);
+        assert_eq!(
+            errs(b"{\"execute\": \"a\", \"execute\": \"b\"}"),
+            ["JSON parse error, duplicate key"]
+        );
+        assert_eq!(
+            errs(b"{\"execute\": }"),
+            ["JSON parse error, expecting value"]
+        );
+        assert_eq!(
+            errs(b"{\"execute\": \"x\",}"),
+            ["JSON parse error, expecting value"]
+        );
+        assert_eq!(
+            errs(b"hello\n"),
+            ["JSON parse error, invalid keyword 'hello'"]
+        );
         assert_eq!(
             errs(b"{\"execute\": \"query-version\"}}"),
-            ["OK {\"execute\": \"query-version\"}", "JSON parse error, expecting value"]
+            [
+                "OK {\"execute\": \"query-version\"}",
+                "JSON parse error, expecting value"
+            ]
         );
-        assert_eq!(errs(b"\"abc\n{}"), ["JSON parse error, stray '\"abc\n'", "OK {}"]);
+        assert_eq!(
+            errs(b"\"abc\n{}"),
+            ["JSON parse error, stray '\"abc\n'", "OK {}"]
+        );
         assert_eq!(
             errs(b"{\"execute\": \"\xff\"}\n{}"),
-            ["JSON parse error, stray '\"\u{FFFD}'", "JSON parse error, expecting value", "OK {}"]
+            [
+                "JSON parse error, stray '\"\u{FFFD}'",
+                "JSON parse error, expecting value",
+                "OK {}"
+            ]
         );
-        assert_eq!(errs(b"\0{\"execute\": \"x\"}"), ["JSON parse error, stray ''", "OK {\"execute\": \"x\"}"]);
+        assert_eq!(
+            errs(b"\0{\"execute\": \"x\"}"),
+            ["JSON parse error, stray ''", "OK {\"execute\": \"x\"}"]
+        );
         assert_eq!(errs(b"TRUE\n[]"), ["JSON parse error, stray 'T'", "OK []"]);
         assert_eq!(errs(b"01 "), ["JSON parse error, stray '01'"]);
-        assert_eq!(errs(b"[1 2]"), ["JSON parse error, expected separator in list"]);
-        assert_eq!(errs(b"{\"a\" 1}"), ["JSON parse error, missing : in object pair"]);
-        assert_eq!(errs(b"{1: 1}"), ["JSON parse error, key is not a string in object"]);
-        assert_eq!(errs(b"{\"a\": 1 \"b\": 2}"), ["JSON parse error, expected separator in dict"]);
-        assert_eq!(errs(b"\"\\x\""), ["JSON parse error, invalid escape sequence in string"]);
-        assert_eq!(errs(b"\"\\ud800\""), ["JSON parse error, \\ud800 is not a valid Unicode character"]);
-        assert_eq!(errs(b"\"\\uFFFE\""), ["JSON parse error, \\uFFFE is not a valid Unicode character"]);
-        assert_eq!(errs(b"\"\x80\""), ["JSON parse error, invalid UTF-8 sequence in string"]);
-        assert_eq!(errs(b"\"\xef\xbf\xbe\""), ["JSON parse error, invalid UTF-8 sequence in string"]);
+        assert_eq!(
+            errs(b"[1 2]"),
+            ["JSON parse error, expected separator in list"]
+        );
+        assert_eq!(
+            errs(b"{\"a\" 1}"),
+            ["JSON parse error, missing : in object pair"]
+        );
+        assert_eq!(
+            errs(b"{1: 1}"),
+            ["JSON parse error, key is not a string in object"]
+        );
+        assert_eq!(
+            errs(b"{\"a\": 1 \"b\": 2}"),
+            ["JSON parse error, expected separator in dict"]
+        );
+        assert_eq!(
+            errs(b"\"\\x\""),
+            ["JSON parse error, invalid escape sequence in string"]
+        );
+        assert_eq!(
+            errs(b"\"\\ud800\""),
+            ["JSON parse error, \\ud800 is not a valid Unicode character"]
+        );
+        assert_eq!(
+            errs(b"\"\\uFFFE\""),
+            ["JSON parse error, \\uFFFE is not a valid Unicode character"]
+        );
+        assert_eq!(
+            errs(b"\"\x80\""),
+            ["JSON parse error, invalid UTF-8 sequence in string"]
+        );
+        assert_eq!(
+            errs(b"\"\xef\xbf\xbe\""),
+            ["JSON parse error, invalid UTF-8 sequence in string"]
+        );
     }
 
     #[test]
@@ -866,12 +949,18 @@ mod tests {
         assert_eq!(out[0], "JSON nesting depth limit exceeded");
         assert!(out[1].starts_with("OK [[[["));
         assert_eq!(out.len(), 2 + 1025);
-        assert!(out[2..].iter().all(|e| e == "JSON parse error, expecting value"));
+        assert!(out[2..]
+            .iter()
+            .all(|e| e == "JSON parse error, expecting value"));
     }
 
     #[test]
     fn size_limits() {
-        let limits = Limits { max_token_size: 64, max_token_count: 8, max_nesting: 1024 };
+        let limits = Limits {
+            max_token_size: 64,
+            max_token_count: 8,
+            max_nesting: 1024,
+        };
         let mut s = JsonStreamer::with_limits(limits);
         let mut out = Vec::new();
         let mut input = b"[\"".to_vec();
@@ -888,10 +977,22 @@ mod tests {
     #[test]
     fn from_str_like_qobject_from_json() {
         assert_eq!(from_str("{\"a\": 1}"), Ok(json!({"a": 1})));
-        assert_eq!(from_str("{\"a\": 1"), Err("JSON parse error, premature EOI".into()));
-        assert_eq!(from_str("{\"a\": 1} x"), Err("Expecting at most one JSON value".into()));
-        assert_eq!(from_str("{} {}"), Err("Expecting at most one JSON value".into()));
-        assert_eq!(from_str(""), Err("JSON parse error, expecting value".into()));
+        assert_eq!(
+            from_str("{\"a\": 1"),
+            Err("JSON parse error, premature EOI".into())
+        );
+        assert_eq!(
+            from_str("{\"a\": 1} x"),
+            Err("Expecting at most one JSON value".into())
+        );
+        assert_eq!(
+            from_str("{} {}"),
+            Err("Expecting at most one JSON value".into())
+        );
+        assert_eq!(
+            from_str(""),
+            Err("JSON parse error, expecting value".into())
+        );
         assert_eq!(from_str("42"), Ok(json!(42)));
     }
 }

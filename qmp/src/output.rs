@@ -150,7 +150,11 @@ fn write_str(out: &mut String, s: &str) {
                 }
                 if cp > 0xFFFF {
                     let v = cp - 0x10000;
-                    out.push_str(&format!("\\u{:04X}\\u{:04X}", 0xD800 + (v >> 10), 0xDC00 + (v & 0x3FF)));
+                    out.push_str(&format!(
+                        "\\u{:04X}\\u{:04X}",
+                        0xD800 + (v >> 10),
+                        0xDC00 + (v & 0x3FF)
+                    ));
                 } else if !(0x20..0x7F).contains(&cp) {
                     out.push_str(&format!("\\u{:04X}", cp));
                 } else {
@@ -166,20 +170,28 @@ fn write_str(out: &mut String, s: &str) {
 pub fn format_g17(x: f64) -> String {
     const P: i32 = 17;
     if x.is_nan() {
-        return if x.is_sign_negative() { "-nan".into() } else { "nan".into() };
+        return if x.is_sign_negative() {
+            "-nan".into()
+        } else {
+            "nan".into()
+        };
     }
     if x.is_infinite() {
         return if x < 0.0 { "-inf".into() } else { "inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0".into() } else { "0".into() };
+        return if x.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
     }
     // Round to P significant digits first; the exponent of the rounded value
     // decides between fixed and exponential notation.
     let e_form = format!("{:.*e}", (P - 1) as usize, x);
     let (mantissa, exp) = e_form.split_once('e').expect("exponent");
     let exp: i32 = exp.parse().expect("exponent value");
-    if exp < -4 || exp >= P {
+    if !(-4..P).contains(&exp) {
         let mantissa = strip_fraction_zeros(mantissa);
         let sign = if exp < 0 { '-' } else { '+' };
         format!("{mantissa}e{sign}{:02}", exp.abs())
@@ -205,11 +217,17 @@ mod tests {
     #[test]
     fn key_order_matches_qsd() {
         let v = json!({"id": 1, "error": {"desc": "x", "class": "GenericError"}});
-        assert_eq!(to_json(&v, false), r#"{"id": 1, "error": {"class": "GenericError", "desc": "x"}}"#);
+        assert_eq!(
+            to_json(&v, false),
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "x"}}"#
+        );
         let v = json!({"return": {}, "id": "a"});
         assert_eq!(to_json(&v, false), r#"{"return": {}, "id": "a"}"#);
         let v = json!({"major": 10, "minor": 0, "micro": 2});
-        assert_eq!(to_json(&v, false), r#"{"micro": 2, "minor": 0, "major": 10}"#);
+        assert_eq!(
+            to_json(&v, false),
+            r#"{"micro": 2, "minor": 0, "major": 10}"#
+        );
         let v = json!({"id": "e", "type": "nbd", "node-name": "n", "shutting-down": false});
         assert_eq!(
             to_json(&v, false),
@@ -230,7 +248,10 @@ mod tests {
     #[test]
     fn strings_escape_like_qemu() {
         let v = json!("é\u{1F600}\u{0}\u{1f}\u{7f}\"\\/\n\u{FFFE}");
-        assert_eq!(to_json(&v, false), r#""\u00E9\uD83D\uDE00\u0000\u001F\u007F\"\\/\n\uFFFD""#);
+        assert_eq!(
+            to_json(&v, false),
+            r#""\u00E9\uD83D\uDE00\u0000\u001F\u007F\"\\/\n\uFFFD""#
+        );
     }
 
     #[test]
@@ -242,7 +263,9 @@ mod tests {
             (-0.0, "-0"),
             (1e22, "1e+22"),
             (5e-324, "4.9406564584124654e-324"),
-            (3.14159, "3.1415899999999999"),
+            (2.5, "2.5"),
+            (123456789.12345679, "123456789.12345679"),
+            (1.1, "1.1000000000000001"),
             (1.5e300, "1.5000000000000001e+300"),
             (0.0001, "0.0001"),
             (123456789012345680.0, "1.2345678901234568e+17"),

@@ -43,17 +43,32 @@ fn scan(s: &[u8], base: u32) -> Scan {
     let mut magnitude: u64 = 0;
     let mut overflow = false;
     while i < s.len() {
-        let Some(d) = digit(s[i]).filter(|&d| d < base) else { break };
-        match magnitude.checked_mul(base as u64).and_then(|m| m.checked_add(d as u64)) {
+        let Some(d) = digit(s[i]).filter(|&d| d < base) else {
+            break;
+        };
+        match magnitude
+            .checked_mul(base as u64)
+            .and_then(|m| m.checked_add(d as u64))
+        {
             Some(m) => magnitude = m,
             None => overflow = true,
         }
         i += 1;
     }
     if i == start {
-        return Scan { magnitude: 0, overflow: false, negative: false, end: 0 };
+        return Scan {
+            magnitude: 0,
+            overflow: false,
+            negative: false,
+            end: 0,
+        };
     }
-    Scan { magnitude, overflow, negative, end: i }
+    Scan {
+        magnitude,
+        overflow,
+        negative,
+        end: i,
+    }
 }
 
 /// `qemu_strtoi64(s, NULL, 0, &v)`: the whole string must be a number.
@@ -83,7 +98,11 @@ fn strtou64_base(s: &str, base: u32) -> Option<u64> {
     if sc.end == 0 || sc.end != s.len() || sc.overflow {
         return None;
     }
-    Some(if sc.negative { sc.magnitude.wrapping_neg() } else { sc.magnitude })
+    Some(if sc.negative {
+        sc.magnitude.wrapping_neg()
+    } else {
+        sc.magnitude
+    })
 }
 
 fn suffix_mul(c: Option<u8>) -> Option<u64> {

@@ -68,7 +68,10 @@ pub(crate) enum IntKind {
 
 impl IntKind {
     pub fn signed(self) -> bool {
-        matches!(self, IntKind::I8 | IntKind::I16 | IntKind::I32 | IntKind::I64)
+        matches!(
+            self,
+            IntKind::I8 | IntKind::I16 | IntKind::I32 | IntKind::I64
+        )
     }
 
     /// The inclusive range and the C type name QEMU reports on overflow.
@@ -152,7 +155,10 @@ pub(crate) enum Kind {
     Builtin(Builtin),
     Enum(Vec<EnumValue>),
     /// Struct or flat union; `members` includes the base's.
-    Object { members: Vec<Member>, variants: Option<Variants> },
+    Object {
+        members: Vec<Member>,
+        variants: Option<Variants>,
+    },
     Alternate(Vec<(String, TypeId)>),
     Array(TypeId),
 }
@@ -166,8 +172,14 @@ pub(crate) struct TypeDef {
 
 #[derive(Clone, Debug)]
 enum EntityKind {
-    Command { arg: Option<TypeId>, ret: Option<TypeId>, allow_oob: bool },
-    Event { arg: Option<TypeId> },
+    Command {
+        arg: Option<TypeId>,
+        ret: Option<TypeId>,
+        allow_oob: bool,
+    },
+    Event {
+        arg: Option<TypeId>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -217,7 +229,13 @@ impl Schema {
         // Blank out comment lines, keeping line numbers for error messages.
         let text: String = source
             .lines()
-            .map(|l| if l.trim_start().starts_with('#') { "" } else { l })
+            .map(|l| {
+                if l.trim_start().starts_with('#') {
+                    ""
+                } else {
+                    l
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let defs: Value = serde_json::from_str(&text).map_err(|e| format!("schema: {e}"))?;
@@ -257,7 +275,12 @@ impl Schema {
 
     /// `query-commands`' return value: `[{"name": ...}, ...]`.
     pub fn query_commands(&self) -> Value {
-        Value::Array(self.command_names().into_iter().map(|n| json!({ "name": n })).collect())
+        Value::Array(
+            self.command_names()
+                .into_iter()
+                .map(|n| json!({ "name": n }))
+                .collect(),
+        )
     }
 
     /// Whether `name` is a command of this schema.
@@ -281,11 +304,17 @@ impl Schema {
     /// Checks a command's `arguments` as QEMU's QMP marshaller does, and
     /// returns them converted to their schema types (integers wrapped or
     /// checked to width, members in input order). Defaults are not added.
-    pub fn validate_command_args(&self, command: &str, args: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    pub fn validate_command_args(
+        &self,
+        command: &str,
+        args: Map<String, Value>,
+    ) -> Result<Map<String, Value>, String> {
         let Some(&idx) = self.commands.get(command) else {
             return Err(format!("The command {command} has not been found"));
         };
-        let EntityKind::Command { arg, .. } = &self.entities[idx].kind else { unreachable!() };
+        let EntityKind::Command { arg, .. } = &self.entities[idx].kind else {
+            unreachable!()
+        };
         let ty = arg.unwrap_or(self.empty);
         let root = Value::Object(args);
         match self.run_visitor(ty, &root, InputMode::Json)? {
@@ -299,7 +328,12 @@ impl Schema {
     /// `ObjectOptions`) and returns it converted to its schema types. In
     /// [`InputMode::Keyval`] every scalar is a string to be parsed (`on`/`off`,
     /// `4k`, `0x10`); in [`InputMode::Json`] JSON types must match.
-    pub fn visit_type(&self, type_name: &str, value: Value, mode: InputMode) -> Result<Value, String> {
+    pub fn visit_type(
+        &self,
+        type_name: &str,
+        value: Value,
+        mode: InputMode,
+    ) -> Result<Value, String> {
         let Some(ty) = self.lookup(type_name) else {
             return Err(format!("unknown schema type '{type_name}'"));
         };
@@ -322,7 +356,9 @@ impl Schema {
                 .stack_size(DEEP_STACK)
                 .spawn_scoped(scope, || Visitor::new(self, root, mode).visit_root(ty));
             match spawned {
-                Ok(handle) => handle.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
                 Err(_) => Visitor::new(self, root, mode).visit_root(ty),
             }
         })
@@ -374,9 +410,18 @@ struct Builder {
 }
 
 enum PendingObject {
-    Struct { base: Option<String>, data: Map<String, Value> },
-    Union { base: Value, discriminator: String, data: Map<String, Value> },
-    Inline { data: Map<String, Value> },
+    Struct {
+        base: Option<String>,
+        data: Map<String, Value>,
+    },
+    Union {
+        base: Value,
+        discriminator: String,
+        data: Map<String, Value>,
+    },
+    Inline {
+        data: Map<String, Value>,
+    },
 }
 
 fn features_of(def: &Map<String, Value>, what: &str) -> Result<Vec<String>, String> {
@@ -384,7 +429,11 @@ fn features_of(def: &Map<String, Value>, what: &str) -> Result<Vec<String>, Stri
         None => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|f| f.as_str().map(str::to_string).ok_or_else(|| format!("{what}: features must be strings")))
+            .map(|f| {
+                f.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{what}: features must be strings"))
+            })
             .collect(),
         Some(_) => Err(format!("{what}: 'features' must be an array")),
     }
@@ -400,12 +449,21 @@ fn check_keys(def: &Map<String, Value>, what: &str, allowed: &[&str]) -> Result<
 }
 
 impl Builder {
-    fn add_type(&mut self, name: &str, kind: Kind, features: Vec<String>) -> Result<TypeId, String> {
+    fn add_type(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        features: Vec<String>,
+    ) -> Result<TypeId, String> {
         if self.by_name.contains_key(name) {
             return Err(format!("schema: duplicate definition of '{name}'"));
         }
         let id = self.types.len();
-        self.types.push(TypeDef { name: name.to_string(), kind, features });
+        self.types.push(TypeDef {
+            name: name.to_string(),
+            kind,
+            features,
+        });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
     }
@@ -416,7 +474,11 @@ impl Builder {
         }
         let id = self.types.len();
         let name = format!("{}List", self.types[elem].name);
-        self.types.push(TypeDef { name: name.clone(), kind: Kind::Array(elem), features: Vec::new() });
+        self.types.push(TypeDef {
+            name: name.clone(),
+            kind: Kind::Array(elem),
+            features: Vec::new(),
+        });
         self.by_name.entry(name).or_insert(id);
         self.arrays.insert(elem, id);
         id
@@ -425,9 +487,11 @@ impl Builder {
     /// A type reference: `"Name"` or `["Name"]`.
     fn type_ref(&mut self, v: &Value, what: &str) -> Result<TypeId, String> {
         match v {
-            Value::String(name) => {
-                self.by_name.get(name).copied().ok_or_else(|| format!("{what}: unknown type '{name}'"))
-            }
+            Value::String(name) => self
+                .by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("{what}: unknown type '{name}'")),
             Value::Array(items) if items.len() == 1 => {
                 let elem = self.type_ref(&items[0], what)?;
                 if matches!(self.types[elem].kind, Kind::Array(_)) {
@@ -450,7 +514,9 @@ impl Builder {
             let (ty, features) = match spec {
                 Value::Object(m) => {
                     check_keys(m, &mwhat, &["type"])?;
-                    let ty = m.get("type").ok_or_else(|| format!("{mwhat}: missing 'type'"))?;
+                    let ty = m
+                        .get("type")
+                        .ok_or_else(|| format!("{mwhat}: missing 'type'"))?;
                     (self.type_ref(ty, &mwhat)?, features_of(m, &mwhat)?)
                 }
                 other => (self.type_ref(other, &mwhat)?, Vec::new()),
@@ -458,7 +524,12 @@ impl Builder {
             if out.iter().any(|m: &Member| m.name == name) {
                 return Err(format!("{mwhat}: duplicate member"));
             }
-            out.push(Member { name, ty, optional, features });
+            out.push(Member {
+                name,
+                ty,
+                optional,
+                features,
+            });
         }
         Ok(out)
     }
@@ -474,7 +545,10 @@ impl Builder {
             let name = self.types[id].name.clone();
             let what = format!("'{name}'");
             let kind = match pending {
-                PendingObject::Inline { data } => Kind::Object { members: self.members(&data, &what)?, variants: None },
+                PendingObject::Inline { data } => Kind::Object {
+                    members: self.members(&data, &what)?,
+                    variants: None,
+                },
                 PendingObject::Struct { base, data } => {
                     let mut members = match base {
                         Some(b) => self.base_members(&Value::String(b), &name)?,
@@ -482,42 +556,66 @@ impl Builder {
                     };
                     let own = self.members(&data, &what)?;
                     self.merge(&mut members, own, &what)?;
-                    Kind::Object { members, variants: None }
+                    Kind::Object {
+                        members,
+                        variants: None,
+                    }
                 }
-                PendingObject::Union { base, discriminator, data } => {
+                PendingObject::Union {
+                    base,
+                    discriminator,
+                    data,
+                } => {
                     let members = self.base_members(&base, &name)?;
                     let tag = members
                         .iter()
                         .find(|m| m.name == discriminator)
-                        .ok_or_else(|| format!("{what}: discriminator '{discriminator}' is not a base member"))?
+                        .ok_or_else(|| {
+                            format!("{what}: discriminator '{discriminator}' is not a base member")
+                        })?
                         .clone();
                     if tag.optional {
-                        return Err(format!("{what}: discriminator '{discriminator}' must not be optional"));
+                        return Err(format!(
+                            "{what}: discriminator '{discriminator}' must not be optional"
+                        ));
                     }
                     let Kind::Enum(values) = &self.types[tag.ty].kind else {
-                        return Err(format!("{what}: discriminator '{discriminator}' must be an enum"));
+                        return Err(format!(
+                            "{what}: discriminator '{discriminator}' must be an enum"
+                        ));
                     };
                     let values: Vec<String> = values.iter().map(|v| v.name.clone()).collect();
                     let mut cases = Vec::new();
                     for (case, branch) in &data {
                         if !values.contains(case) {
-                            return Err(format!("{what}: branch '{case}' is not a value of the discriminator"));
+                            return Err(format!(
+                                "{what}: branch '{case}' is not a value of the discriminator"
+                            ));
                         }
                         let bwhat = format!("{what}, branch '{case}'");
                         let bty = self.type_ref(branch, &bwhat)?;
-                        if !matches!(self.pending.get(&bty), Some(_)) && !matches!(self.types[bty].kind, Kind::Object { .. })
-                        {
+                        // Structs and unions still pending are objects too.
+                        if !matches!(self.types[bty].kind, Kind::Object { .. }) {
                             return Err(format!("{bwhat}: branch types must be structs or unions"));
                         }
                         let bmembers = self.resolve_object(bty)?;
                         for m in &bmembers {
                             if members.iter().any(|b| b.name == m.name) {
-                                return Err(format!("{bwhat}: member '{}' clashes with the base", m.name));
+                                return Err(format!(
+                                    "{bwhat}: member '{}' clashes with the base",
+                                    m.name
+                                ));
                             }
                         }
                         cases.push((case.clone(), bty));
                     }
-                    Kind::Object { members, variants: Some(Variants { tag: discriminator, cases }) }
+                    Kind::Object {
+                        members,
+                        variants: Some(Variants {
+                            tag: discriminator,
+                            cases,
+                        }),
+                    }
                 }
             };
             self.types[id].kind = kind;
@@ -525,15 +623,24 @@ impl Builder {
         }
         match &self.types[id].kind {
             Kind::Object { members, .. } => Ok(members.clone()),
-            _ => Err(format!("schema: '{}' is not a struct or union", self.types[id].name)),
+            _ => Err(format!(
+                "schema: '{}' is not a struct or union",
+                self.types[id].name
+            )),
         }
     }
 
     fn base_members(&mut self, base: &Value, owner: &str) -> Result<Vec<Member>, String> {
         match base {
             Value::String(b) => {
-                let bid = *self.by_name.get(b).ok_or_else(|| format!("'{owner}': unknown base '{b}'"))?;
-                if let Kind::Object { variants: Some(_), .. } = &self.types[bid].kind {
+                let bid = *self
+                    .by_name
+                    .get(b)
+                    .ok_or_else(|| format!("'{owner}': unknown base '{b}'"))?;
+                if let Kind::Object {
+                    variants: Some(_), ..
+                } = &self.types[bid].kind
+                {
                     return Err(format!("'{owner}': a base must not be a union"));
                 }
                 if matches!(self.pending.get(&bid), Some(PendingObject::Union { .. })) {
@@ -544,11 +651,21 @@ impl Builder {
             Value::Object(data) => {
                 // An implicit base type, as QAPI names it.
                 let name = format!("q_obj_{owner}-base");
-                let id = self.add_type(&name, Kind::Object { members: Vec::new(), variants: None }, Vec::new())?;
-                self.pending.insert(id, PendingObject::Inline { data: data.clone() });
+                let id = self.add_type(
+                    &name,
+                    Kind::Object {
+                        members: Vec::new(),
+                        variants: None,
+                    },
+                    Vec::new(),
+                )?;
+                self.pending
+                    .insert(id, PendingObject::Inline { data: data.clone() });
                 self.resolve_object(id)
             }
-            _ => Err(format!("'{owner}': 'base' must be a type name or a member list")),
+            _ => Err(format!(
+                "'{owner}': 'base' must be a type name or a member list"
+            )),
         }
     }
 
@@ -579,7 +696,14 @@ impl Builder {
         for (name, b) in BUILTINS {
             self.add_type(name, Kind::Builtin(*b), Vec::new())?;
         }
-        let empty = self.add_type("q_empty", Kind::Object { members: Vec::new(), variants: None }, Vec::new())?;
+        let empty = self.add_type(
+            "q_empty",
+            Kind::Object {
+                members: Vec::new(),
+                variants: None,
+            },
+            Vec::new(),
+        )?;
 
         // Pass 1: name every type.
         let mut defs_maps = Vec::new();
@@ -590,7 +714,11 @@ impl Builder {
             let kind = ["enum", "struct", "union", "alternate", "command", "event"]
                 .into_iter()
                 .find(|k| def.contains_key(*k))
-                .ok_or_else(|| format!("schema: definition #{i} has no enum/struct/union/alternate/command/event"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "schema: definition #{i} has no enum/struct/union/alternate/command/event"
+                    )
+                })?;
             let name = def[kind]
                 .as_str()
                 .ok_or_else(|| format!("schema: definition #{i}: '{kind}' must be a string"))?
@@ -606,11 +734,20 @@ impl Builder {
                     let mut values: Vec<EnumValue> = Vec::new();
                     for item in items {
                         let v = match item {
-                            Value::String(s) => EnumValue { name: s.clone(), features: Vec::new() },
+                            Value::String(s) => EnumValue {
+                                name: s.clone(),
+                                features: Vec::new(),
+                            },
                             Value::Object(m) => {
                                 check_keys(m, &what, &["name"])?;
-                                let n = m.get("name").and_then(Value::as_str).ok_or_else(|| format!("{what}: value without name"))?;
-                                EnumValue { name: n.to_string(), features: features_of(m, &what)? }
+                                let n = m
+                                    .get("name")
+                                    .and_then(Value::as_str)
+                                    .ok_or_else(|| format!("{what}: value without name"))?;
+                                EnumValue {
+                                    name: n.to_string(),
+                                    features: features_of(m, &what)?,
+                                }
                             }
                             _ => return Err(format!("{what}: bad value {item}")),
                         };
@@ -625,7 +762,10 @@ impl Builder {
                     let kind_placeholder = if kind == "alternate" {
                         Kind::Alternate(Vec::new())
                     } else {
-                        Kind::Object { members: Vec::new(), variants: None }
+                        Kind::Object {
+                            members: Vec::new(),
+                            variants: None,
+                        }
                     };
                     self.add_type(&name, kind_placeholder, features)?;
                 }
@@ -652,21 +792,32 @@ impl Builder {
                         Some(_) => return Err(format!("{what}: 'base' must be a type name")),
                     };
                     let id = self.by_name[name];
-                    self.pending.insert(id, PendingObject::Struct { base, data });
+                    self.pending
+                        .insert(id, PendingObject::Struct { base, data });
                 }
                 "union" => {
                     check_keys(def, &what, &["union", "data", "base", "discriminator"])?;
                     let Some(Value::Object(data)) = def.get("data") else {
                         return Err(format!("{what}: 'data' must be an object"));
                     };
-                    let base = def.get("base").cloned().ok_or_else(|| format!("{what}: missing 'base'"))?;
+                    let base = def
+                        .get("base")
+                        .cloned()
+                        .ok_or_else(|| format!("{what}: missing 'base'"))?;
                     let discriminator = def
                         .get("discriminator")
                         .and_then(Value::as_str)
                         .ok_or_else(|| format!("{what}: missing 'discriminator'"))?
                         .to_string();
                     let id = self.by_name[name];
-                    self.pending.insert(id, PendingObject::Union { base, discriminator, data: data.clone() });
+                    self.pending.insert(
+                        id,
+                        PendingObject::Union {
+                            base,
+                            discriminator,
+                            data: data.clone(),
+                        },
+                    );
                 }
                 "alternate" => {
                     check_keys(def, &what, &["alternate", "data"])?;
@@ -690,7 +841,9 @@ impl Builder {
             for (bname, bty) in &data {
                 let bwhat = format!("{what}, branch '{bname}'");
                 let ty = self.type_ref(bty, &bwhat)?;
-                let q = self.qtype_of_type(ty).ok_or_else(|| format!("{bwhat}: type not allowed in an alternate"))?;
+                let q = self
+                    .qtype_of_type(ty)
+                    .ok_or_else(|| format!("{bwhat}: type not allowed in an alternate"))?;
                 if seen.contains(&q) {
                     return Err(format!("{bwhat}: ambiguous with an earlier branch"));
                 }
@@ -730,9 +883,16 @@ impl Builder {
                             return Err(format!("{what}: \"boxed\" needs a type name as 'data'"));
                         }
                         let tname = format!("q_obj_{name}-arg");
-                        let id =
-                            this.add_type(&tname, Kind::Object { members: Vec::new(), variants: None }, Vec::new())?;
-                        this.pending.insert(id, PendingObject::Inline { data: m.clone() });
+                        let id = this.add_type(
+                            &tname,
+                            Kind::Object {
+                                members: Vec::new(),
+                                variants: None,
+                            },
+                            Vec::new(),
+                        )?;
+                        this.pending
+                            .insert(id, PendingObject::Inline { data: m.clone() });
                         this.resolve_object(id)?;
                         Ok(Some(id))
                     }
@@ -741,17 +901,32 @@ impl Builder {
             };
             match *kind {
                 "command" => {
-                    check_keys(def, &what, &["command", "data", "boxed", "returns", "allow-oob"])?;
+                    check_keys(
+                        def,
+                        &what,
+                        &["command", "data", "boxed", "returns", "allow-oob"],
+                    )?;
                     let arg = arg(&mut self)?;
                     let ret = match def.get("returns") {
                         None => None,
                         Some(r) => Some(self.type_ref(r, &what)?),
                     };
-                    let allow_oob = def.get("allow-oob").and_then(Value::as_bool).unwrap_or(false);
+                    let allow_oob = def
+                        .get("allow-oob")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     if commands.insert(name.clone(), entities.len()).is_some() {
                         return Err(format!("{what}: duplicate command"));
                     }
-                    entities.push(Entity { name: name.clone(), kind: EntityKind::Command { arg, ret, allow_oob }, features });
+                    entities.push(Entity {
+                        name: name.clone(),
+                        kind: EntityKind::Command {
+                            arg,
+                            ret,
+                            allow_oob,
+                        },
+                        features,
+                    });
                 }
                 "event" => {
                     check_keys(def, &what, &["event", "data", "boxed"])?;
@@ -759,7 +934,11 @@ impl Builder {
                     if events.insert(name.clone(), entities.len()).is_some() {
                         return Err(format!("{what}: duplicate event"));
                     }
-                    entities.push(Entity { name: name.clone(), kind: EntityKind::Event { arg }, features });
+                    entities.push(Entity {
+                        name: name.clone(),
+                        kind: EntityKind::Event { arg },
+                        features,
+                    });
                 }
                 _ => {}
             }
@@ -791,16 +970,29 @@ struct Introspector<'b> {
 impl<'b> Introspector<'b> {
     fn new(b: &'b mut Builder, empty: TypeId) -> Self {
         let int = b.by_name["int"];
-        Introspector { b, empty, int, trees: Vec::new(), used: Vec::new(), names: HashMap::new() }
+        Introspector {
+            b,
+            empty,
+            int,
+            trees: Vec::new(),
+            used: Vec::new(),
+            names: HashMap::new(),
+        }
     }
 
     fn json_type_is_int(&self, id: TypeId) -> bool {
-        matches!(self.b.types[id].kind, Kind::Builtin(Builtin::Int(_) | Builtin::Size))
+        matches!(
+            self.b.types[id].kind,
+            Kind::Builtin(Builtin::Int(_) | Builtin::Size)
+        )
     }
 
     fn mask(&mut self, name: &str) -> String {
         let n = self.names.len();
-        self.names.entry(name.to_string()).or_insert_with(|| n.to_string()).clone()
+        self.names
+            .entry(name.to_string())
+            .or_insert_with(|| n.to_string())
+            .clone()
     }
 
     fn use_type(&mut self, mut id: TypeId) -> String {
@@ -840,7 +1032,11 @@ impl<'b> Introspector<'b> {
         for e in entities {
             let mut obj = Map::new();
             match &e.kind {
-                EntityKind::Command { arg, ret, allow_oob } => {
+                EntityKind::Command {
+                    arg,
+                    ret,
+                    allow_oob,
+                } => {
                     let a = self.use_type(arg.unwrap_or(self.empty));
                     let r = self.use_type(ret.unwrap_or(self.empty));
                     obj.insert("arg-type".into(), Value::String(a));
@@ -900,7 +1096,10 @@ impl<'b> Introspector<'b> {
                     })
                     .collect();
                 let vals: Vec<Value> = values.iter().map(|v| json!(v.name)).collect();
-                let obj = Map::from_iter([("members".to_string(), Value::Array(members)), ("values".to_string(), Value::Array(vals))]);
+                let obj = Map::from_iter([
+                    ("members".to_string(), Value::Array(members)),
+                    ("values".to_string(), Value::Array(vals)),
+                ]);
                 let name = self.mask(&def.name);
                 self.tree(name, "enum", obj, &def.features);
             }
@@ -1008,7 +1207,10 @@ mod tests {
     fn command_lists() {
         let s = Schema::from_source(SMALL).unwrap();
         assert_eq!(s.command_names(), ["ping", "do-union", "do-thing"]);
-        assert_eq!(s.query_commands(), json!([{"name": "ping"}, {"name": "do-union"}, {"name": "do-thing"}]));
+        assert_eq!(
+            s.query_commands(),
+            json!([{"name": "ping"}, {"name": "do-union"}, {"name": "do-thing"}])
+        );
         assert!(s.has_command("ping") && !s.has_command("THING_HAPPENED"));
         assert!(s.has_event("BARE"));
         assert!(s.command_allows_oob("ping") && !s.command_allows_oob("do-thing"));
@@ -1021,7 +1223,8 @@ mod tests {
         let err = |src: &str| Schema::from_source(src).unwrap_err();
         assert!(err("{}").contains("array"));
         assert!(err(r#"[{"struct": "A", "data": {"x": "Nope"}}]"#).contains("unknown type 'Nope'"));
-        assert!(err(r#"[{"struct": "A"}, {"enum": "A", "data": []}]"#).contains("duplicate definition of 'A'"));
+        assert!(err(r#"[{"struct": "A"}, {"enum": "A", "data": []}]"#)
+            .contains("duplicate definition of 'A'"));
         assert!(err(r#"[{"struct": "A", "base": "A"}]"#).contains("its own base"));
         assert!(err(r#"[{"struct": "A", "data": {}, "bogus": 1}]"#).contains("unknown key 'bogus'"));
         assert!(err(r#"[{"enum": "E", "data": ["a"]}, {"union": "U", "base": {"k": "str"}, "discriminator": "k", "data": {}}]"#)
@@ -1030,8 +1233,12 @@ mod tests {
             .contains("branch 'b' is not a value"));
         assert!(err(r#"[{"struct": "S", "data": {"k": "str"}}, {"enum": "E", "data": ["a"]}, {"union": "U", "base": {"k": "E"}, "discriminator": "k", "data": {"a": "S"}}]"#)
             .contains("clashes with the base"));
-        assert!(err(r#"[{"alternate": "A", "data": {"a": "str", "b": "str"}}]"#).contains("ambiguous"));
+        assert!(
+            err(r#"[{"alternate": "A", "data": {"a": "str", "b": "str"}}]"#).contains("ambiguous")
+        );
         assert!(err(r#"[{"command": "c"}, {"command": "c"}]"#).contains("duplicate command"));
-        assert!(err(r#"[{"struct": "S", "data": {"a": "int", "a": "str"}}]"#).contains("duplicate"));
+        assert!(
+            err(r#"[{"struct": "S", "data": {"a": "int", "a": "str"}}]"#).contains("duplicate")
+        );
     }
 }

@@ -57,7 +57,13 @@ impl Session {
 
     /// A session with custom JSON size limits (for tests).
     pub fn with_limits(schema: Arc<Schema>, limits: Limits) -> Self {
-        Session { schema, streamer: JsonStreamer::with_limits(limits), negotiated: false, oob: false, pretty: false }
+        Session {
+            schema,
+            streamer: JsonStreamer::with_limits(limits),
+            negotiated: false,
+            oob: false,
+            pretty: false,
+        }
     }
 
     /// The greeting QEMU sends on connect:
@@ -118,7 +124,10 @@ impl Session {
     /// `handle_qmp_command()` + `qmp_dispatch()`.
     fn dispatch(&mut self, request: Value) -> SessionItem {
         let Value::Object(mut dict) = request else {
-            return self.send(None, Err(QmpError::generic("QMP input must be a JSON object")));
+            return self.send(
+                None,
+                Err(QmpError::generic("QMP input must be a JSON object")),
+            );
         };
         let id = dict.get("id").cloned();
         let fail = |this: &Self, class: ErrorClass, msg: String| -> SessionItem {
@@ -135,32 +144,64 @@ impl Session {
             let value = &dict[key];
             if key == "execute" || (key == "exec-oob" && self.oob) {
                 if !value.is_string() {
-                    return fail(self, ErrorClass::GenericError, format!("QMP input member '{key}' must be a string"));
+                    return fail(
+                        self,
+                        ErrorClass::GenericError,
+                        format!("QMP input member '{key}' must be a string"),
+                    );
                 }
                 if let Some(prev) = exec_key {
-                    return fail(self, ErrorClass::GenericError, format!("QMP input member '{key}' clashes with '{prev}'"));
+                    return fail(
+                        self,
+                        ErrorClass::GenericError,
+                        format!("QMP input member '{key}' clashes with '{prev}'"),
+                    );
                 }
                 exec_key = Some(key.as_str());
             } else if key == "arguments" {
                 if !value.is_object() {
-                    return fail(self, ErrorClass::GenericError, "QMP input member 'arguments' must be an object".into());
+                    return fail(
+                        self,
+                        ErrorClass::GenericError,
+                        "QMP input member 'arguments' must be an object".into(),
+                    );
                 }
             } else if key != "id" {
-                return fail(self, ErrorClass::GenericError, format!("QMP input member '{key}' is unexpected"));
+                return fail(
+                    self,
+                    ErrorClass::GenericError,
+                    format!("QMP input member '{key}' is unexpected"),
+                );
             }
         }
         let Some(exec_key) = exec_key else {
-            return fail(self, ErrorClass::GenericError, "QMP input lacks member 'execute'".into());
+            return fail(
+                self,
+                ErrorClass::GenericError,
+                "QMP input lacks member 'execute'".into(),
+            );
         };
         let oob = exec_key == "exec-oob";
         let command = dict[exec_key].as_str().unwrap_or_default().to_string();
 
-        let known = if self.negotiated { self.schema.has_command(&command) } else { command == "qmp_capabilities" };
+        let known = if self.negotiated {
+            self.schema.has_command(&command)
+        } else {
+            command == "qmp_capabilities"
+        };
         if !known {
-            return fail(self, ErrorClass::CommandNotFound, format!("The command {command} has not been found"));
+            return fail(
+                self,
+                ErrorClass::CommandNotFound,
+                format!("The command {command} has not been found"),
+            );
         }
         if oob && !self.schema.command_allows_oob(&command) {
-            return fail(self, ErrorClass::GenericError, format!("The command {command} does not support OOB"));
+            return fail(
+                self,
+                ErrorClass::GenericError,
+                format!("The command {command} does not support OOB"),
+            );
         }
         let args = match dict.remove("arguments") {
             Some(Value::Object(m)) => m,
@@ -173,7 +214,12 @@ impl Session {
         if command == "qmp_capabilities" {
             return self.qmp_capabilities(&args, id.as_ref());
         }
-        SessionItem::Command(Command { name: command, args, id, oob })
+        SessionItem::Command(Command {
+            name: command,
+            args,
+            id,
+            oob,
+        })
     }
 
     fn qmp_capabilities(&mut self, args: &Map<String, Value>, id: Option<&Value>) -> SessionItem {
@@ -195,7 +241,10 @@ impl Session {
             }
         }
         if !unavailable.is_empty() {
-            let err = QmpError::generic(format!("Capability {} not available", unavailable.join(", ")));
+            let err = QmpError::generic(format!(
+                "Capability {} not available",
+                unavailable.join(", ")
+            ));
             return self.send(id, Err(err));
         }
         self.oob = requested.contains(&"oob");
@@ -214,7 +263,10 @@ pub fn reply_value(id: &Option<Value>, result: Result<Value, QmpError>) -> Value
             rsp.insert("return".into(), v);
         }
         Err(e) => {
-            rsp.insert("error".into(), json!({ "class": e.class.as_str(), "desc": e.desc }));
+            rsp.insert(
+                "error".into(),
+                json!({ "class": e.class.as_str(), "desc": e.desc }),
+            );
         }
     }
     if let Some(id) = id {
@@ -230,10 +282,15 @@ pub fn reply(id: &Option<Value>, result: Result<Value, QmpError>) -> Vec<u8> {
 
 /// The event object, timestamped now; `data` is left out when `None`.
 pub fn event_value(name: &str, data: Option<Value>) -> Value {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let mut ev = Map::new();
     ev.insert("event".into(), Value::String(name.into()));
-    ev.insert("timestamp".into(), json!({ "seconds": now.as_secs(), "microseconds": now.subsec_micros() }));
+    ev.insert(
+        "timestamp".into(),
+        json!({ "seconds": now.as_secs(), "microseconds": now.subsec_micros() }),
+    );
     if let Some(d) = data {
         ev.insert("data".into(), d);
     }

@@ -60,7 +60,12 @@ fn expects(name: &str, what: &str) -> String {
 
 impl<'s, 'v> Visitor<'s, 'v> {
     pub fn new(schema: &'s Schema, root: &'v Value, mode: InputMode) -> Self {
-        Visitor { schema, keyval: mode == InputMode::Keyval, root, stack: Vec::new() }
+        Visitor {
+            schema,
+            keyval: mode == InputMode::Keyval,
+            root,
+            stack: Vec::new(),
+        }
     }
 
     /// Visits the root value as type `ty` (QEMU: `visit_type_T(v, NULL, ...)`).
@@ -82,7 +87,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
                 errname.insert(0, '.');
             } else {
                 let idx = so.index as u32;
-                let s = if self.keyval { format!(".{idx}") } else { format!("[{idx}]") };
+                let s = if self.keyval {
+                    format!(".{idx}")
+                } else {
+                    format!("[{idx}]")
+                };
                 errname.insert_str(0, &s);
             }
             name = so.name.as_deref();
@@ -154,7 +163,13 @@ impl<'s, 'v> Visitor<'s, 'v> {
             }
             _ => None,
         };
-        self.stack.push(Frame { name: name.map(str::to_string), obj, remaining, entry: 0, index: -1 });
+        self.stack.push(Frame {
+            name: name.map(str::to_string),
+            obj,
+            remaining,
+            entry: 0,
+            index: -1,
+        });
     }
 
     fn start_struct(&mut self, name: Option<&str>) -> VResult<()> {
@@ -169,7 +184,10 @@ impl<'s, 'v> Visitor<'s, 'v> {
     fn check_struct(&self) -> VResult<()> {
         let tos = self.stack.last().expect("struct frame");
         if let Some(key) = tos.remaining.as_ref().and_then(StrSet::first) {
-            return Err(format!("Parameter '{}' is unexpected", self.full_name(Some(key))));
+            return Err(format!(
+                "Parameter '{}' is unexpected",
+                self.full_name(Some(key))
+            ));
         }
         Ok(())
     }
@@ -189,7 +207,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
 
     fn list_has_next(&self) -> bool {
         match self.stack.last() {
-            Some(Frame { obj: Value::Array(items), entry, .. }) => *entry < items.len(),
+            Some(Frame {
+                obj: Value::Array(items),
+                entry,
+                ..
+            }) => *entry < items.len(),
             _ => false,
         }
     }
@@ -199,9 +221,10 @@ impl<'s, 'v> Visitor<'s, 'v> {
         let obj = self.get(name, true)?;
         match obj {
             Value::String(s) => Ok(s.clone()),
-            Value::Object(_) | Value::Array(_) => {
-                Err(format!("Parameters '{}.*' are unexpected", self.full_name(name)))
-            }
+            Value::Object(_) | Value::Array(_) => Err(format!(
+                "Parameters '{}.*' are unexpected",
+                self.full_name(name)
+            )),
             // Not produced by the keyval parser; accept the JSON scalar's text.
             Value::Number(n) => Ok(n.to_string()),
             Value::Bool(b) => Ok(if *b { "on".into() } else { "off".into() }),
@@ -272,7 +295,9 @@ impl<'s, 'v> Visitor<'s, 'v> {
     fn visit_size(&mut self, name: Option<&str>) -> VResult<Value> {
         if self.keyval {
             let s = self.get_keyval(name)?;
-            return scalar::strtosz(&s).map(Value::from).ok_or_else(|| expects(&self.full_name(name), "size"));
+            return scalar::strtosz(&s)
+                .map(Value::from)
+                .ok_or_else(|| expects(&self.full_name(name), "size"));
         }
         self.visit_uint64(name).map(Value::from)
     }
@@ -308,7 +333,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
     fn visit_null(&mut self, name: Option<&str>) -> VResult<Value> {
         if self.keyval {
             let s = self.get_keyval(name)?;
-            return if s.is_empty() { Ok(Value::Null) } else { Err(invalid_type(&self.full_name(name), "null")) };
+            return if s.is_empty() {
+                Ok(Value::Null)
+            } else {
+                Err(invalid_type(&self.full_name(name), "null"))
+            };
         }
         match self.get(name, true)? {
             Value::Null => Ok(Value::Null),
@@ -336,7 +365,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
                 if values.iter().any(|v| v.name == s) {
                     Ok(Value::String(s))
                 } else {
-                    Err(format!("Parameter '{}' does not accept value '{}'", name.unwrap_or("null"), s))
+                    Err(format!(
+                        "Parameter '{}' does not accept value '{}'",
+                        name.unwrap_or("null"),
+                        s
+                    ))
                 }
             }
             Kind::Object { .. } => {
@@ -359,7 +392,9 @@ impl<'s, 'v> Visitor<'s, 'v> {
             Kind::Alternate(branches) => {
                 let obj = self.get(name, false)?;
                 let q = qtype_of(obj);
-                let branch = branches.iter().find(|(_, bty)| self.branch_qtype(*bty) == Some(q));
+                let branch = branches
+                    .iter()
+                    .find(|(_, bty)| self.branch_qtype(*bty) == Some(q));
                 match branch {
                     Some((_, bty)) => self.visit(*bty, name),
                     None => Err(invalid_type(name.unwrap_or("null"), &def.name)),
@@ -407,7 +442,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
             out.insert(m.name.clone(), v);
         }
         if let Some(variants) = variants {
-            let tag = out.get(&variants.tag).and_then(Value::as_str).unwrap_or_default().to_string();
+            let tag = out
+                .get(&variants.tag)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             if let Some((_, bty)) = variants.cases.iter().find(|(case, _)| *case == tag) {
                 self.visit_members(*bty, out)?;
             }

@@ -8,13 +8,17 @@ use qmp::{Command, QmpError, Schema, Session, SessionItem};
 use serde_json::{json, Value};
 
 fn session() -> Session {
-    let schema = Schema::from_source(include_str!("../../src/qapi/schema.json")).expect("blkd schema loads");
+    let schema =
+        Schema::from_source(include_str!("../../src/qapi/schema.json")).expect("blkd schema loads");
     Session::new(Arc::new(schema))
 }
 
 fn negotiated() -> Session {
     let mut s = session();
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\"}\n"), ["{\"return\": {}}"]);
+    assert_eq!(
+        out(&mut s, b"{\"execute\": \"qmp_capabilities\"}\n"),
+        ["{\"return\": {}}"]
+    );
     s
 }
 
@@ -28,13 +32,18 @@ fn out(s: &mut Session, input: &[u8]) -> Vec<String> {
                 let text = String::from_utf8(bytes).unwrap();
                 text.strip_suffix("\r\n").expect("CRLF").to_string()
             }
-            SessionItem::Command(Command { name, args, .. }) => format!("CMD {name} {}", Value::Object(args)),
+            SessionItem::Command(Command { name, args, .. }) => {
+                format!("CMD {name} {}", Value::Object(args))
+            }
         })
         .collect()
 }
 
 fn generic(desc: &str) -> String {
-    format!("{{\"error\": {{\"class\": \"GenericError\", \"desc\": {}}}}}", qmp::output::to_json(&json!(desc), false))
+    format!(
+        "{{\"error\": {{\"class\": \"GenericError\", \"desc\": {}}}}}",
+        qmp::output::to_json(&json!(desc), false)
+    )
 }
 
 #[test]
@@ -51,26 +60,53 @@ fn negotiation() {
     let mut s = session();
     assert!(!s.negotiated());
     let expecting = "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}";
-    assert_eq!(out(&mut s, b"{\"execute\": \"query-version\"}\n"), [expecting]);
+    assert_eq!(
+        out(&mut s, b"{\"execute\": \"query-version\"}\n"),
+        [expecting]
+    );
     assert_eq!(out(&mut s, b"{\"execute\": \"no-such\", \"id\": 1}\n"),
                ["{\"id\": 1, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}"]);
     // Input errors are not rewritten.
-    assert_eq!(out(&mut s, b"[1]\n"), [generic("QMP input must be a JSON object")]);
+    assert_eq!(
+        out(&mut s, b"[1]\n"),
+        [generic("QMP input must be a JSON object")]
+    );
     assert_eq!(out(&mut s, b"{\"exec-oob\": \"qmp_capabilities\", \"id\": 5}\n"),
                ["{\"id\": 5, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input member 'exec-oob' is unexpected\"}}"]);
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n"),
-               [generic("Parameter 'null' does not accept value 'foo'")]);
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"bogus\": 1}}\n"),
-               [generic("Parameter 'bogus' is unexpected")]);
+    assert_eq!(
+        out(
+            &mut s,
+            b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n"
+        ),
+        [generic("Parameter 'null' does not accept value 'foo'")]
+    );
+    assert_eq!(
+        out(
+            &mut s,
+            b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"bogus\": 1}}\n"
+        ),
+        [generic("Parameter 'bogus' is unexpected")]
+    );
     assert!(!s.negotiated());
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\", \"id\": \"c\"}\n"), ["{\"return\": {}, \"id\": \"c\"}"]);
+    assert_eq!(
+        out(
+            &mut s,
+            b"{\"execute\": \"qmp_capabilities\", \"id\": \"c\"}\n"
+        ),
+        ["{\"return\": {}, \"id\": \"c\"}"]
+    );
     assert!(s.negotiated());
     assert!(!s.oob_enabled());
     assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\"}\n"),
                ["{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Capabilities negotiation is already complete, command ignored\"}}"]);
     // Arguments are still checked first.
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n"),
-               [generic("Parameter 'null' does not accept value 'foo'")]);
+    assert_eq!(
+        out(
+            &mut s,
+            b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n"
+        ),
+        [generic("Parameter 'null' does not accept value 'foo'")]
+    );
 }
 
 #[test]
@@ -115,20 +151,28 @@ fn protocol_error_table() {
         (b"{\"execute\": \"query-version\", \"arguments\": {}, \"id\": \"abc\"}\n", &["CMD query-version {}"]),
     ];
     for (input, expected) in cases {
-        assert_eq!(out(&mut s, input), *expected, "input {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            out(&mut s, input),
+            *expected,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
     }
 }
 
 #[test]
 fn split_and_packed_input() {
     let mut s = negotiated();
-    let input = b"{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": \"n0\"}, \"id\": 7}";
+    let input =
+        b"{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": \"n0\"}, \"id\": 7}";
     let mut items = Vec::new();
     for chunk in input.chunks(3) {
         items.extend(s.feed(chunk));
     }
     assert_eq!(items.len(), 1);
-    let SessionItem::Command(cmd) = &items[0] else { panic!("{items:?}") };
+    let SessionItem::Command(cmd) = &items[0] else {
+        panic!("{items:?}")
+    };
     assert_eq!(cmd.name, "blockdev-del");
     assert_eq!(cmd.args, *json!({"node-name": "n0"}).as_object().unwrap());
     assert_eq!(cmd.id, Some(json!(7)));
@@ -148,9 +192,14 @@ fn nesting_limit() {
     assert_eq!(got.len(), 2 + 1025);
     assert_eq!(got[0], generic("JSON nesting depth limit exceeded"));
     assert_eq!(got[1], generic("QMP input must be a JSON object"));
-    assert!(got[2..].iter().all(|l| *l == generic("JSON parse error, expecting value")));
+    assert!(got[2..]
+        .iter()
+        .all(|l| *l == generic("JSON parse error, expecting value")));
     // Still usable.
-    assert_eq!(out(&mut s, b"{\"execute\": \"query-version\"}"), ["CMD query-version {}"]);
+    assert_eq!(
+        out(&mut s, b"{\"execute\": \"query-version\"}"),
+        ["CMD query-version {}"]
+    );
 }
 
 #[test]
@@ -175,7 +224,13 @@ fn deep_arguments_do_not_overflow_the_stack() {
 #[test]
 fn oob() {
     let mut s = session();
-    assert_eq!(out(&mut s, b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"oob\"]}}"), ["{\"return\": {}}"]);
+    assert_eq!(
+        out(
+            &mut s,
+            b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"oob\"]}}"
+        ),
+        ["{\"return\": {}}"]
+    );
     assert!(s.oob_enabled());
     assert_eq!(out(&mut s, b"{\"exec-oob\": \"query-version\", \"id\": 1}"),
                ["{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"The command query-version does not support OOB\"}}"]);
@@ -188,7 +243,10 @@ fn oob() {
 #[test]
 fn replies_and_events() {
     assert_eq!(qmp::reply(&None, Ok(json!({}))), b"{\"return\": {}}\r\n");
-    assert_eq!(qmp::reply(&Some(json!("abc")), Ok(json!([]))), b"{\"return\": [], \"id\": \"abc\"}\r\n");
+    assert_eq!(
+        qmp::reply(&Some(json!("abc")), Ok(json!([]))),
+        b"{\"return\": [], \"id\": \"abc\"}\r\n"
+    );
     assert_eq!(
         qmp::reply(&Some(json!(1)), Err(QmpError::generic("Export 'nope' is not found"))),
         b"{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"Export 'nope' is not found\"}}\r\n"
@@ -202,9 +260,16 @@ fn replies_and_events() {
         qmp::reply(&None, Ok(json!([{"id": "e0", "type": "nbd", "node-name": "n0", "shutting-down": false}]))),
         b"{\"return\": [{\"node-name\": \"n0\", \"shutting-down\": false, \"type\": \"nbd\", \"id\": \"e0\"}]}\r\n"
     );
-    let ev = String::from_utf8(qmp::event("BLOCK_EXPORT_DELETED", Some(json!({"id": "e0"})))).unwrap();
+    let ev = String::from_utf8(qmp::event(
+        "BLOCK_EXPORT_DELETED",
+        Some(json!({"id": "e0"})),
+    ))
+    .unwrap();
     assert!(ev.starts_with("{\"timestamp\": {\"seconds\": "), "{ev}");
-    assert!(ev.ends_with(", \"event\": \"BLOCK_EXPORT_DELETED\", \"data\": {\"id\": \"e0\"}}\r\n"), "{ev}");
+    assert!(
+        ev.ends_with(", \"event\": \"BLOCK_EXPORT_DELETED\", \"data\": {\"id\": \"e0\"}}\r\n"),
+        "{ev}"
+    );
     let bare = String::from_utf8(qmp::event("X", None)).unwrap();
     assert!(bare.ends_with("}, \"event\": \"X\"}\r\n"), "{bare}");
 }
