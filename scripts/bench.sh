@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks blkd side by side with its peers in one interleaved run:
 #   NBD (fio's nbd engine, unix socket and TCP): blkd, qemu-storage-daemon,
-#       qemu-nbd, nbdkit (file plugin), all serving the same page-cache-warm
-#       raw image;
+#       qemu-nbd, nbdkit (file plugin), each serving its own copy of one
+#       page-cache-warm raw image;
 #   vhost-user-blk (the vublk example driver): blkd and qemu-storage-daemon,
 #       on null-co and on the raw image.
 # Prints a table of medians with ratios to the best peer, and writes

@@ -21,13 +21,15 @@ fn not_found(name: &str) -> String {
 }
 
 impl Daemon {
-    pub fn bitmap_command(&mut self, command: &str, args: &Map<String, Value>) -> Result<(), String> {
+    pub fn bitmap_command(
+        &mut self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> Result<(), String> {
         let node_name = args.get("node").and_then(Value::as_str).unwrap_or("");
-        let node = self
-            .graph
-            .get(node_name)
-            .cloned()
-            .ok_or_else(|| format!("Cannot find device='{node_name}' nor node-name='{node_name}'"))?;
+        let node = self.graph.get(node_name).cloned().ok_or_else(|| {
+            format!("Cannot find device='{node_name}' nor node-name='{node_name}'")
+        })?;
         let name = args
             .get("name")
             .or_else(|| args.get("target"))
@@ -37,31 +39,34 @@ impl Daemon {
         match command {
             "block-dirty-bitmap-add" => self.bitmap_add(&node, &name, args),
             "block-dirty-bitmap-merge" => self.bitmap_merge(&node, &name, args),
-            _ => node.with_bitmap(&name, |bm| {
-                match command {
-                    "block-dirty-bitmap-remove" | "block-dirty-bitmap-clear" | "block-dirty-bitmap-disable"
-                        if bm.busy =>
-                    {
+            _ => {
+                node.with_bitmap(&name, |bm| {
+                    // Every one of these commands is refused on a busy bitmap.
+                    if bm.busy {
                         return Err(in_use(&name));
                     }
-                    "block-dirty-bitmap-enable" if bm.busy => return Err(in_use(&name)),
-                    "block-dirty-bitmap-clear" => bm.clear(),
-                    "block-dirty-bitmap-enable" => bm.recording = true,
-                    "block-dirty-bitmap-disable" => bm.recording = false,
-                    _ => {}
-                }
-                Ok(())
-            })
-            .and_then(|()| {
+                    match command {
+                        "block-dirty-bitmap-clear" => bm.clear(),
+                        "block-dirty-bitmap-enable" => bm.recording = true,
+                        "block-dirty-bitmap-disable" => bm.recording = false,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
                 if command == "block-dirty-bitmap-remove" {
                     node.remove_bitmap(&name);
                 }
                 Ok(())
-            }),
+            }
         }
     }
 
-    fn bitmap_add(&mut self, node: &Arc<BlockNode>, name: &str, args: &Map<String, Value>) -> Result<(), String> {
+    fn bitmap_add(
+        &mut self,
+        node: &Arc<BlockNode>,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Result<(), String> {
         if node.has_bitmap(name) {
             return Err(format!("Bitmap already exists: {name}"));
         }
@@ -86,7 +91,12 @@ impl Daemon {
         Ok(())
     }
 
-    fn bitmap_merge(&mut self, node: &Arc<BlockNode>, target: &str, args: &Map<String, Value>) -> Result<(), String> {
+    fn bitmap_merge(
+        &mut self,
+        node: &Arc<BlockNode>,
+        target: &str,
+        args: &Map<String, Value>,
+    ) -> Result<(), String> {
         if !node.has_bitmap(target) {
             return Err(not_found(target));
         }
@@ -101,11 +111,19 @@ impl Daemon {
                     Value::Object(o) => {
                         let n = o.get("node").and_then(Value::as_str).unwrap_or("");
                         let src = self.graph.lookup(n)?.clone();
-                        (src, o.get("name").and_then(Value::as_str).unwrap_or("").to_string())
+                        (
+                            src,
+                            o.get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                        )
                     }
                     _ => continue,
                 };
-                let bm = src_node.bitmap(&src_name).ok_or_else(|| not_found(&src_name))?;
+                let bm = src_node
+                    .bitmap(&src_name)
+                    .ok_or_else(|| not_found(&src_name))?;
                 if bm.busy {
                     return Err(in_use(&src_name));
                 }
@@ -122,7 +140,12 @@ impl Daemon {
     }
 
     /// Checks that an NBD export may use bitmap `name` of `node`.
-    pub fn check_export_bitmap(&self, node: &Arc<BlockNode>, name: &str, writable: bool) -> Result<(), String> {
+    pub fn check_export_bitmap(
+        &self,
+        node: &Arc<BlockNode>,
+        name: &str,
+        writable: bool,
+    ) -> Result<(), String> {
         let bm = node
             .bitmap(name)
             .ok_or_else(|| format!("Bitmap '{name}' is not found"))?;
@@ -130,7 +153,9 @@ impl Daemon {
             return Err(in_use(name));
         }
         if bm.recording && !writable {
-            return Err(format!("Enabled bitmap '{name}' incompatible with readonly export"));
+            return Err(format!(
+                "Enabled bitmap '{name}' incompatible with readonly export"
+            ));
         }
         Ok(())
     }

@@ -60,7 +60,10 @@ impl CliOption {
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Invocation {
-    Run { options: Vec<CliOption>, daemonize: bool },
+    Run {
+        options: Vec<CliOption>,
+        daemonize: bool,
+    },
     Help,
     Version,
 }
@@ -110,9 +113,23 @@ fn command() -> Command {
         .disable_help_flag(true)
         .disable_version_flag(true)
         .no_binary_name(true)
-        .arg(Arg::new("help").short('h').long("help").action(ArgAction::SetTrue))
-        .arg(Arg::new("version").short('V').long("version").action(ArgAction::SetTrue))
-        .arg(Arg::new("daemonize").long("daemonize").action(ArgAction::SetTrue))
+        .arg(
+            Arg::new("help")
+                .short('h')
+                .long("help")
+                .action(ArgAction::SetTrue),
+        )
+        .arg(
+            Arg::new("version")
+                .short('V')
+                .long("version")
+                .action(ArgAction::SetTrue),
+        )
+        .arg(
+            Arg::new("daemonize")
+                .long("daemonize")
+                .action(ArgAction::SetTrue),
+        )
         .arg(
             Arg::new("positional")
                 .action(ArgAction::Append)
@@ -135,7 +152,9 @@ fn command() -> Command {
 
 /// Parses the arguments after the program name. Errors carry QSD's texts.
 pub fn parse(args: &[String]) -> Result<Invocation, String> {
-    let matches = command().try_get_matches_from(args).map_err(|e| clap_error(&e, args))?;
+    let matches = command()
+        .try_get_matches_from(args)
+        .map_err(|e| clap_error(&e, args))?;
     if let Some(mut extra) = matches.get_many::<String>("positional") {
         if let Some(first) = extra.next() {
             return Err(format!("{first}: Unexpected argument"));
@@ -198,7 +217,12 @@ fn clap_error(err: &clap::Error, args: &[String]) -> String {
                 format!("invalid option -- '{}'", name.trim_start_matches('-'))
             }
         }
-        _ => err.to_string().lines().next().unwrap_or("invalid arguments").to_string(),
+        _ => err
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid arguments")
+            .to_string(),
     }
 }
 
@@ -223,7 +247,9 @@ mod tests {
             "--daemonize",
         ]))
         .unwrap();
-        let Invocation::Run { options, daemonize } = inv else { panic!("not a run") };
+        let Invocation::Run { options, daemonize } = inv else {
+            panic!("not a run")
+        };
         assert!(daemonize);
         let kinds: Vec<_> = options.iter().map(|o| o.kind).collect();
         assert_eq!(
@@ -241,8 +267,14 @@ mod tests {
 
     #[test]
     fn errors_use_getopt_wording() {
-        assert_eq!(parse(&args(&["foo"])).unwrap_err(), "foo: Unexpected argument");
-        assert_eq!(parse(&args(&["--foo"])).unwrap_err(), "unrecognized option '--foo'");
+        assert_eq!(
+            parse(&args(&["foo"])).unwrap_err(),
+            "foo: Unexpected argument"
+        );
+        assert_eq!(
+            parse(&args(&["--foo"])).unwrap_err(),
+            "unrecognized option '--foo'"
+        );
         assert_eq!(
             parse(&args(&["--blockdev"])).unwrap_err(),
             "option '--blockdev' requires an argument"
@@ -255,7 +287,10 @@ mod tests {
         assert_eq!(parse(&args(&["--version"])).unwrap(), Invocation::Version);
         assert_eq!(
             parse(&args(&[])).unwrap(),
-            Invocation::Run { options: vec![], daemonize: false }
+            Invocation::Run {
+                options: vec![],
+                daemonize: false
+            }
         );
     }
 }

@@ -40,7 +40,11 @@ impl Daemon {
             "blockdev-add" => self.blockdev_add(&args).map(|_| json!({})).map_err(generic),
             "blockdev-del" => self.blockdev_del(str_arg(&args, "node-name")),
             "query-named-block-nodes" => Ok(Value::Array(
-                self.graph.nodes().iter().map(|n| self.node_info(n)).collect(),
+                self.graph
+                    .nodes()
+                    .iter()
+                    .map(|n| self.node_info(n))
+                    .collect(),
             )),
             "block_resize" => self.block_resize(&args),
             "object-add" => self.object_add(&args).map(|_| json!({})).map_err(generic),
@@ -60,19 +64,37 @@ impl Daemon {
                     })
                     .collect(),
             )),
-            "nbd-server-start" => self.nbd_server_start_qmp(&args).map(|_| json!({})).map_err(generic),
+            "nbd-server-start" => self
+                .nbd_server_start_qmp(&args)
+                .map(|_| json!({}))
+                .map_err(generic),
             "nbd-server-stop" => self.nbd_server_stop().map(|_| json!({})).map_err(generic),
-            "nbd-server-add" => self.nbd_server_add(&args).map(|_| json!({})).map_err(generic),
-            "nbd-server-remove" => self.nbd_server_remove(&args).map(|_| json!({})).map_err(generic),
-            "block-export-add" => self.block_export_add(&args).map(|_| json!({})).map_err(generic),
-            "block-export-del" => self.block_export_del(&args).map(|_| json!({})).map_err(generic),
+            "nbd-server-add" => self
+                .nbd_server_add(&args)
+                .map(|_| json!({}))
+                .map_err(generic),
+            "nbd-server-remove" => self
+                .nbd_server_remove(&args)
+                .map(|_| json!({}))
+                .map_err(generic),
+            "block-export-add" => self
+                .block_export_add(&args)
+                .map(|_| json!({}))
+                .map_err(generic),
+            "block-export-del" => self
+                .block_export_del(&args)
+                .map(|_| json!({}))
+                .map_err(generic),
             "query-block-exports" => Ok(self.query_block_exports()),
             "block-dirty-bitmap-add"
             | "block-dirty-bitmap-remove"
             | "block-dirty-bitmap-clear"
             | "block-dirty-bitmap-enable"
             | "block-dirty-bitmap-disable"
-            | "block-dirty-bitmap-merge" => self.bitmap_command(name, &args).map(|_| json!({})).map_err(generic),
+            | "block-dirty-bitmap-merge" => self
+                .bitmap_command(name, &args)
+                .map(|_| json!({}))
+                .map_err(generic),
             _ => Err(QmpError::command_not_found(name)),
         }
     }
@@ -119,9 +141,7 @@ impl Daemon {
             return Err(generic("Parameter 'size' expects a >0 size"));
         }
         if node.driver().read_only() {
-            return Err(generic(format!(
-                "Image is read-only"
-            )));
+            return Err(generic("Image is read-only"));
         }
         node.resize(size as u64)
             .map_err(|e| generic(resize_error_text(&e)))?;
@@ -133,7 +153,7 @@ impl Daemon {
         let id = str_arg(args, "id").to_string();
         let qom_type = str_arg(args, "qom-type").to_string();
         if !crate::graph::is_valid_node_name(&id) {
-            return Err(format!("Parameter 'id' expects an identifier"));
+            return Err("Parameter 'id' expects an identifier".into());
         }
         if self.iothreads.contains_key(&id) || self.objects.contains_key(&id) {
             return Err(format!(

@@ -75,16 +75,16 @@ pub struct Daemon {
     pub waker: MainWaker,
     pub pidfile: Option<Pidfile>,
     chardevs: HashMap<String, Chardev>,
-    /// Monitor listeners by epoll token.
-    monitors: HashMap<u64, String>,
+    /// Monitor listeners by epoll token: the chardev id and `pretty`.
+    monitors: HashMap<u64, (String, bool)>,
     clients: HashMap<u64, MonitorClient>,
     epoll_fd: RawFd,
     signal_fd: OwnedFd,
     next_token: u64,
     /// Events raised by the command being run, sent before its reply.
-    events: Vec<Vec<u8>>,
+    events: Vec<Value>,
     /// Events that QEMU sends after the reply of the command that raised them.
-    late_events: Vec<Vec<u8>>,
+    late_events: Vec<Value>,
     pub quit: bool,
     /// Quit when the last NBD client disconnects (`blkd nbd` without `-t`).
     pub exit_when_nbd_idle: bool,
@@ -123,8 +123,16 @@ impl Daemon {
             quit: false,
             exit_when_nbd_idle: false,
         };
-        daemon.epoll_add(daemon.signal_fd.as_raw_fd(), SIGNAL_TOKEN, epoll::Events::EPOLLIN)?;
-        daemon.epoll_add(daemon.waker.wake.as_raw_fd(), WAKE_TOKEN, epoll::Events::EPOLLIN)?;
+        daemon.epoll_add(
+            daemon.signal_fd.as_raw_fd(),
+            SIGNAL_TOKEN,
+            epoll::Events::EPOLLIN,
+        )?;
+        daemon.epoll_add(
+            daemon.waker.wake.as_raw_fd(),
+            WAKE_TOKEN,
+            epoll::Events::EPOLLIN,
+        )?;
         Ok(daemon)
     }
 
@@ -216,9 +224,11 @@ impl Daemon {
             .and_then(Value::as_str)
             .ok_or("Parameter 'chardev' is missing")?
             .to_string();
+        let mut pretty = false;
         for (key, value) in opts {
             match key.as_str() {
-                "chardev" | "pretty" | "id" => {}
+                "chardev" | "id" => {}
+                "pretty" => pretty = is_on(value),
                 "mode" if value.as_str() == Some("control") => {}
                 "mode" => return Err("Only QMP is supported".into()),
                 _ => return Err(format!("Parameter '{key}' is unexpected")),
@@ -237,20 +247,23 @@ impl Daemon {
         self.next_token += 1;
         self.epoll_add(fd, token, epoll::Events::EPOLLIN)
             .map_err(|e| format!("cannot watch monitor socket: {e}"))?;
-        self.monitors.insert(token, id);
+        self.monitors.insert(token, (id, pretty));
         Ok(())
     }
 
     /// Queues an event for every negotiated monitor client, ahead of the reply
     /// to the command being run.
     pub fn emit_event(&mut self, name: &str, data: Option<Value>) {
-        log::info!("event {name} {}", data.as_ref().map(Value::to_string).unwrap_or_default());
-        self.events.push(qmp::event(name, data));
+        log::info!(
+            "event {name} {}",
+            data.as_ref().map(Value::to_string).unwrap_or_default()
+        );
+        self.events.push(qmp::event_value(name, data));
     }
 
     /// Queues an event that goes out right after the current command's reply.
     pub fn emit_event_after_reply(&mut self, name: &str, data: Option<Value>) {
-        self.late_events.push(qmp::event(name, data));
+        self.late_events.push(qmp::event_value(name, data));
     }
 
     /// Runs the main loop until `quit` or a termination signal.
@@ -317,10 +330,10 @@ impl Daemon {
     }
 
     fn accept_monitor(&mut self, listener_token: u64) {
-        let Some(chardev) = self
+        let Some((chardev, pretty)) = self
             .monitors
             .get(&listener_token)
-            .and_then(|id| self.chardevs.get(id))
+            .and_then(|(id, pretty)| Some((self.chardevs.get(id)?, *pretty)))
         else {
             return;
         };
@@ -344,11 +357,13 @@ impl Daemon {
             {
                 continue;
             }
-            let greeting = qmp::Session::greeting(&crate::version_info());
+            let greeting = qmp::Session::greeting_with(&crate::version_info(), pretty);
             log::debug!("monitor client {token} connected");
+            let mut session = qmp::Session::new(Arc::clone(&self.schema));
+            session.set_pretty(pretty);
             let mut client = MonitorClient {
                 stream,
-                session: qmp::Session::new(Arc::clone(&self.schema)),
+                session,
                 out: greeting,
                 want_write: false,
             };
@@ -364,7 +379,9 @@ impl Daemon {
             return;
         };
         let mut alive = true;
-        if flags.intersects(epoll::Events::EPOLLIN | epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR) {
+        if flags
+            .intersects(epoll::Events::EPOLLIN | epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR)
+        {
             let mut buf = vec![0u8; MONITOR_READ_CHUNK];
             loop {
                 match client.stream.read(&mut buf) {
@@ -379,19 +396,19 @@ impl Daemon {
                                 qmp::SessionItem::Send(bytes) => client.out.extend(bytes),
                                 qmp::SessionItem::Command(cmd) => {
                                     let result = self.execute(&cmd.name, cmd.args);
-                                    let reply = qmp::reply(&cmd.id, result);
+                                    let pretty = client.session.pretty();
+                                    let reply =
+                                        qmp::encode(&qmp::reply_value(&cmd.id, result), pretty);
                                     // Events raised by the command precede its reply.
                                     let events = std::mem::take(&mut self.events);
                                     for ev in &events {
-                                        if client.session.negotiated() {
-                                            client.out.extend_from_slice(ev);
-                                        }
+                                        client.out.extend(qmp::encode(ev, pretty));
                                         self.broadcast(ev);
                                     }
                                     client.out.extend(reply);
                                     let late = std::mem::take(&mut self.late_events);
                                     for ev in &late {
-                                        client.out.extend_from_slice(ev);
+                                        client.out.extend(qmp::encode(ev, pretty));
                                         self.broadcast(ev);
                                     }
                                 }
@@ -447,10 +464,12 @@ impl Daemon {
         true
     }
 
-    fn broadcast(&mut self, event: &[u8]) {
+    fn broadcast(&mut self, event: &Value) {
         for client in self.clients.values_mut() {
             if client.session.negotiated() {
-                client.out.extend_from_slice(event);
+                client
+                    .out
+                    .extend(qmp::encode(event, client.session.pretty()));
             }
         }
     }
@@ -518,8 +537,7 @@ impl Drop for Daemon {
 }
 
 fn is_on(value: &Value) -> bool {
-    matches!(value, Value::Bool(true))
-        || matches!(value.as_str(), Some("on" | "yes" | "true"))
+    matches!(value, Value::Bool(true)) || matches!(value.as_str(), Some("on" | "yes" | "true"))
 }
 
 /// Binds a unix socket, replacing a stale socket file left by an earlier run.

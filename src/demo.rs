@@ -17,9 +17,8 @@ pub fn run(args: &[String]) -> ExitCode {
         eprintln!("blkd demo: cannot create {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
-    let image = dir.join("disk.raw");
-    let created = std::fs::File::create(&image).and_then(|f| f.set_len(DEMO_SIZE));
-    if let Err(e) = created {
+    let image = dir.join("disk.qcow2");
+    if let Err(e) = crate::block::qcow2::create(&image, DEMO_SIZE, None) {
         eprintln!("blkd demo: cannot create {}: {e}", image.display());
         return ExitCode::FAILURE;
     }
@@ -29,10 +28,13 @@ pub fn run(args: &[String]) -> ExitCode {
         opt(OptionKind::Chardev, format!("socket,id=qmp0,path={d}/qmp.sock,server=on,wait=off")),
         opt(OptionKind::Monitor, "chardev=qmp0".into()),
         opt(OptionKind::Object, "iothread,id=io0".into()),
-        opt(OptionKind::Blockdev, format!("file,node-name=file0,filename={d}/disk.raw")),
-        opt(OptionKind::Blockdev, "raw,node-name=disk0,file=file0".into()),
+        opt(OptionKind::Blockdev, format!("file,node-name=file0,filename={d}/disk.qcow2")),
+        opt(OptionKind::Blockdev, "qcow2,node-name=disk0,file=file0".into()),
         opt(OptionKind::NbdServer, format!("addr.type=unix,addr.path={d}/nbd.sock")),
-        opt(OptionKind::Export, "nbd,id=nbd0,node-name=disk0,name=disk0,writable=on".into()),
+        opt(
+            OptionKind::Export,
+            "nbd,id=nbd0,node-name=disk0,name=disk0,writable=on,allocation-depth=on".into(),
+        ),
         opt(
             OptionKind::Export,
             format!(
@@ -41,10 +43,11 @@ pub fn run(args: &[String]) -> ExitCode {
         ),
     ];
     println!(
-        "blkd demo: a 1 GiB sparse image {d}/disk.raw, exported as node 'disk0'.
+        "blkd demo: a 1 GiB qcow2 image {d}/disk.qcow2, exported as node 'disk0'.
 
   NBD:
     nbdinfo 'nbd+unix:///disk0?socket={d}/nbd.sock'
+    nbdinfo --map=qemu:allocation-depth 'nbd+unix:///disk0?socket={d}/nbd.sock'
     qemu-img info 'nbd+unix:///disk0?socket={d}/nbd.sock'
     qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' 'nbd+unix:///disk0?socket={d}/nbd.sock'
 

@@ -49,7 +49,11 @@ impl Graph {
         self.open_node(name, opts)
     }
 
-    fn open_node(&mut self, name: String, opts: &Map<String, Value>) -> Result<Arc<BlockNode>, String> {
+    fn open_node(
+        &mut self,
+        name: String,
+        opts: &Map<String, Value>,
+    ) -> Result<Arc<BlockNode>, String> {
         let driver = opts
             .get("driver")
             .and_then(Value::as_str)
@@ -97,12 +101,9 @@ impl Graph {
 
     /// Whether another node holds `node` as a child.
     pub fn parent_of(&self, node: &Arc<BlockNode>) -> Option<&Arc<BlockNode>> {
-        self.nodes.iter().find(|n| {
-            n.driver()
-                .children()
-                .iter()
-                .any(|c| Arc::ptr_eq(c, node))
-        })
+        self.nodes
+            .iter()
+            .find(|n| n.driver().children().iter().any(|c| Arc::ptr_eq(c, node)))
     }
 
     /// Removes a node nobody uses; the caller has checked exports. Inline

@@ -12,28 +12,87 @@ fn command() -> Command {
     Command::new("blkd nbd")
         .about("Export one disk image over NBD (qemu-nbd style)")
         .no_binary_name(true)
-        .arg(Arg::new("read-only").short('r').long("read-only").action(ArgAction::SetTrue)
-            .help("export read-only"))
-        .arg(Arg::new("allocation-depth").short('A').long("allocation-depth").action(ArgAction::SetTrue)
-            .help("expose the qemu:allocation-depth metadata context"))
-        .arg(Arg::new("bitmap").short('B').long("bitmap").action(ArgAction::Append)
-            .help("expose a dirty bitmap as qemu:dirty-bitmap:NAME"))
-        .arg(Arg::new("export-name").short('x').long("export-name")
-            .help("export name (default: the empty name)"))
-        .arg(Arg::new("description").short('D').long("description")
-            .help("export description"))
-        .arg(Arg::new("format").short('f').long("format")
-            .help("image format: raw or qcow2 (default: probed)"))
-        .arg(Arg::new("socket").short('k').long("socket").help("serve on this unix socket"))
-        .arg(Arg::new("bind").short('b').long("bind").help("TCP address to bind (default 0.0.0.0)"))
-        .arg(Arg::new("port").short('p').long("port").help("TCP port (default 10809)"))
-        .arg(Arg::new("shared").short('e').long("shared")
-            .help("most clients at once (default 1; 0 for no limit)"))
-        .arg(Arg::new("persistent").short('t').long("persistent").action(ArgAction::SetTrue)
-            .help("keep serving after the last client disconnects"))
-        .arg(Arg::new("pid-file").long("pid-file").help("write the PID to this file"))
-        .arg(Arg::new("fork").long("fork").action(ArgAction::SetTrue)
-            .help("go to the background once the server is ready"))
+        .arg(
+            Arg::new("read-only")
+                .short('r')
+                .long("read-only")
+                .action(ArgAction::SetTrue)
+                .help("export read-only"),
+        )
+        .arg(
+            Arg::new("allocation-depth")
+                .short('A')
+                .long("allocation-depth")
+                .action(ArgAction::SetTrue)
+                .help("expose the qemu:allocation-depth metadata context"),
+        )
+        .arg(
+            Arg::new("bitmap")
+                .short('B')
+                .long("bitmap")
+                .action(ArgAction::Append)
+                .help("expose a dirty bitmap as qemu:dirty-bitmap:NAME"),
+        )
+        .arg(
+            Arg::new("export-name")
+                .short('x')
+                .long("export-name")
+                .help("export name (default: the empty name)"),
+        )
+        .arg(
+            Arg::new("description")
+                .short('D')
+                .long("description")
+                .help("export description"),
+        )
+        .arg(
+            Arg::new("format")
+                .short('f')
+                .long("format")
+                .help("image format: raw or qcow2 (default: probed)"),
+        )
+        .arg(
+            Arg::new("socket")
+                .short('k')
+                .long("socket")
+                .help("serve on this unix socket"),
+        )
+        .arg(
+            Arg::new("bind")
+                .short('b')
+                .long("bind")
+                .help("TCP address to bind (default 0.0.0.0)"),
+        )
+        .arg(
+            Arg::new("port")
+                .short('p')
+                .long("port")
+                .help("TCP port (default 10809)"),
+        )
+        .arg(
+            Arg::new("shared")
+                .short('e')
+                .long("shared")
+                .help("most clients at once (default 1; 0 for no limit)"),
+        )
+        .arg(
+            Arg::new("persistent")
+                .short('t')
+                .long("persistent")
+                .action(ArgAction::SetTrue)
+                .help("keep serving after the last client disconnects"),
+        )
+        .arg(
+            Arg::new("pid-file")
+                .long("pid-file")
+                .help("write the PID to this file"),
+        )
+        .arg(
+            Arg::new("fork")
+                .long("fork")
+                .action(ArgAction::SetTrue)
+                .help("go to the background once the server is ready"),
+        )
         .arg(Arg::new("image").required(true).help("the image file"))
 }
 
@@ -80,7 +139,10 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
         ),
     );
     let shared: u32 = get("shared")
-        .map(|s| s.parse().map_err(|_| format!("Invalid shared device number '{s}'")))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| format!("Invalid shared device number '{s}'"))
+        })
         .transpose()?
         .unwrap_or(1);
     let addr = if let Some(sock) = get("socket") {
@@ -154,10 +216,22 @@ mod tests {
 
     #[test]
     fn translates_qemu_nbd_style_arguments() {
-        let args: Vec<String> = ["-r", "-A", "-B", "b0", "-x", "e,x", "-f", "raw", "-k", "/t/s.sock", "/img,1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "-r",
+            "-A",
+            "-B",
+            "b0",
+            "-x",
+            "e,x",
+            "-f",
+            "raw",
+            "-k",
+            "/t/s.sock",
+            "/img,1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let (opts, persistent) = options(&args).unwrap();
         assert!(!persistent);
         let values: Vec<_> = opts.iter().map(|o| o.as_typed()).collect();

@@ -13,7 +13,10 @@ use serde_json::{json, Map, Value};
 use crate::daemon::{Daemon, MainMsg};
 
 pub enum Listener {
-    Unix { listener: UnixListener, path: Option<PathBuf> },
+    Unix {
+        listener: UnixListener,
+        path: Option<PathBuf>,
+    },
     Tcp(TcpListener),
 }
 
@@ -59,7 +62,10 @@ impl NbdServerState {
     /// Drops every client and removes our socket file.
     pub fn stop(self) {
         self.server.shutdown();
-        if let Listener::Unix { path: Some(path), .. } = &self.listener {
+        if let Listener::Unix {
+            path: Some(path), ..
+        } = &self.listener
+        {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -94,9 +100,11 @@ fn bind(addr: &Map<String, Value>) -> Result<Listener, String> {
         "inet" => {
             let host = get("host");
             let port = get("port");
-            let addrs: Vec<_> = (host, port.parse::<u16>().map_err(|_| {
-                format!("Failed to parse port '{port}'")
-            })?)
+            let addrs: Vec<_> = (
+                host,
+                port.parse::<u16>()
+                    .map_err(|_| format!("Failed to parse port '{port}'"))?,
+            )
                 .to_socket_addrs()
                 .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?
                 .collect();
@@ -131,7 +139,12 @@ pub fn listener_from_fd(fd: RawFd) -> Result<Listener, String> {
     let family = unsafe {
         let mut storage: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
+        if libc::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
             return Err(not_socket());
         }
         i32::from(storage.ss_family)
@@ -165,8 +178,14 @@ impl Daemon {
         if self.nbd.is_some() {
             return Err("NBD server already running".into());
         }
-        let tls_creds = args.get("tls-creds").and_then(Value::as_str).map(str::to_string);
-        let tls_authz = args.get("tls-authz").and_then(Value::as_str).map(str::to_string);
+        let tls_creds = args
+            .get("tls-creds")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let tls_authz = args
+            .get("tls-authz")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let tls = match &tls_creds {
             Some(id) => Some(crate::tls::server_upgrade(self, id, tls_authz.as_deref())?),
             None => None,
@@ -223,7 +242,9 @@ impl Daemon {
     /// Accepts waiting clients until none is left or max-connections is reached.
     pub fn accept_nbd_clients(&mut self) {
         let waker = self.waker.clone();
-        let Some(state) = self.nbd.as_mut() else { return };
+        let Some(state) = self.nbd.as_mut() else {
+            return;
+        };
         loop {
             if state.max_connections > 0 && state.connections >= state.max_connections {
                 // Further clients wait in the listen backlog, as with QSD.
@@ -238,9 +259,10 @@ impl Daemon {
                 Ok(stream) => {
                     state.connections += 1;
                     let waker = waker.clone();
-                    state
-                        .server
-                        .serve_client(stream, Box::new(move || waker.send(MainMsg::NbdClientClosed)));
+                    state.server.serve_client(
+                        stream,
+                        Box::new(move || waker.send(MainMsg::NbdClientClosed)),
+                    );
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -253,7 +275,9 @@ impl Daemon {
     }
 
     pub fn nbd_client_closed(&mut self) {
-        let Some(state) = self.nbd.as_mut() else { return };
+        let Some(state) = self.nbd.as_mut() else {
+            return;
+        };
         state.connections = state.connections.saturating_sub(1);
         if state.connections == 0 && self.exit_when_nbd_idle {
             self.quit = true;

@@ -18,9 +18,9 @@ pub fn parse_option(
     implied_key: Option<&str>,
     schema_type: Option<&str>,
 ) -> Result<Map<String, Value>, String> {
-    let (parsed, mode) = if value.trim_start().starts_with('{') {
-        let v: Value = serde_json::from_str(value).map_err(|e| format!("JSON parse error, {e}"))?;
-        (v, qmp::InputMode::Json)
+    // As QSD: JSON only when the very first character opens an object.
+    let (parsed, mode) = if value.starts_with('{') {
+        (qmp::json::from_str(value)?, qmp::InputMode::Json)
     } else {
         (
             Value::Object(crate::keyval::parse(value, implied_key)?),
@@ -149,7 +149,8 @@ fn fork_into_background() -> Background {
         ));
     }
     // SAFETY: both fds were just created and are owned here.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: no other thread exists yet, so the child is a complete copy.
     match unsafe { libc::fork() } {
         -1 => Background::Failed(format!("cannot fork: {}", std::io::Error::last_os_error())),
@@ -176,7 +177,11 @@ fn fork_into_background() -> Background {
 /// Detaches from the terminal and tells the waiting parent start-up is done.
 fn finish_daemonizing(status_pipe: OwnedFd) {
     let _ = std::env::set_current_dir("/");
-    if let Ok(devnull) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(devnull) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         use std::os::fd::AsRawFd;
         for target in 0..=2 {
             // SAFETY: dup2 onto the standard descriptors of this process.

@@ -19,7 +19,11 @@ fn startup_error(program: &str, args: &[String]) -> String {
         .stdin(Stdio::null())
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(1), "{program} {args:?} did not fail with 1");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{program} {args:?} did not fail with 1"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     let (_, msg) = stderr
         .split_once(": ")
@@ -163,13 +167,36 @@ fn daemonize_returns_after_startup_and_reports_errors() {
     assert!(status.success());
     // The parent returned only once start-up was complete.
     assert!(nbd.exists() && pidfile.exists());
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let ppid: i32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ppid: i32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_ne!(ppid, std::process::id() as i32);
-    assert_eq!(std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap().to_str(), Some("/"));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .unwrap()
+            .to_str(),
+        Some("/")
+    );
     if have("nbdinfo") {
-        let out = common::run_ok("nbdinfo", &["--size", &format!("nbd+unix:///n0?socket={}", nbd.display())]);
+        let out = common::run_ok(
+            "nbdinfo",
+            &[
+                "--size",
+                &format!("nbd+unix:///n0?socket={}", nbd.display()),
+            ],
+        );
         assert_eq!(out.trim(), "1073741824");
     }
     // SAFETY: kill on the daemon we started.

@@ -70,7 +70,14 @@ fn nbdinfo_json_list_and_map_match_qsd() {
     for which in [Impl::Blkd, Impl::Qsd] {
         let d = start(which, true, "");
         let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri(&d)])).unwrap();
-        let list = run_ok("nbdinfo", &["--list", "--json", &format!("nbd+unix://?socket={}", d.path("nbd.sock").display())]);
+        let list = run_ok(
+            "nbdinfo",
+            &[
+                "--list",
+                "--json",
+                &format!("nbd+unix://?socket={}", d.path("nbd.sock").display()),
+            ],
+        );
         let list: Value = serde_json::from_str(&list).unwrap();
         let map = run_ok("nbdinfo", &["--map", &uri(&d)]);
         let sock = d.path("nbd.sock").display().to_string();
@@ -90,7 +97,10 @@ fn nbdinfo_json_list_and_map_match_qsd() {
         v
     };
     assert_eq!(strip(ours.0.clone()), strip(theirs.0.clone()));
-    assert_eq!(strip(ours.1.clone())["exports"], strip(theirs.1.clone())["exports"]);
+    assert_eq!(
+        strip(ours.1.clone())["exports"],
+        strip(theirs.1.clone())["exports"]
+    );
     assert_eq!(ours.2, theirs.2, "base:allocation maps differ");
     assert_eq!(ours.3, theirs.3);
     let export = &ours.0["exports"][0];
@@ -101,7 +111,11 @@ fn nbdinfo_json_list_and_map_match_qsd() {
     assert_eq!(export["block_size_minimum"], 1);
     assert_eq!(export["block_size_preferred"], 4096);
     assert_eq!(export["block_size_maximum"], 33554432);
-    assert!(ours.2.contains("hole,zero"), "map shows no hole: {}", ours.2);
+    assert!(
+        ours.2.contains("hole,zero"),
+        "map shows no hole: {}",
+        ours.2
+    );
 }
 
 #[test]
@@ -110,14 +124,51 @@ fn qemu_io_patterns_and_qemu_img_over_unix_and_tcp() {
     let u = uri(&d);
     let out = run_ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -z 1M 64k", "-c", "discard 2M 64k",
-          "-c", "read -P 0xab 0 64k", "-c", "read -P 0 1M 64k", "-c", "flush", &u],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "discard 2M 64k",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "read -P 0 1M 64k",
+            "-c",
+            "flush",
+            &u,
+        ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // A copy through nbd:// and back compares equal.
     let copy = d.path("copy.qcow2");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", &u, copy.to_str().unwrap()]);
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &u, copy.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &u,
+            copy.to_str().unwrap(),
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &u,
+            copy.to_str().unwrap(),
+        ],
+    );
     let img = std::fs::read(d.path("img.raw")).unwrap();
     assert!(img[..65536].iter().all(|b| *b == 0xab));
     // The same export over TCP.
@@ -126,13 +177,34 @@ fn qemu_io_patterns_and_qemu_img_over_unix_and_tcp() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}));
-    qmp.ok("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk"}));
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk"}),
+    );
     let tcp = format!("nbd://127.0.0.1:{port}/disk");
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &tcp, copy.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &tcp,
+            copy.to_str().unwrap(),
+        ],
+    );
     let ro = run("qemu-io", &["-f", "raw", "-c", "write 0 512", &tcp]);
-    let text = String::from_utf8_lossy(&ro.stdout).to_string() + &String::from_utf8_lossy(&ro.stderr);
-    assert!(text.contains("Permission denied") || text.contains("Operation not permitted"), "{text}");
+    let text =
+        String::from_utf8_lossy(&ro.stdout).to_string() + &String::from_utf8_lossy(&ro.stderr);
+    assert!(
+        text.contains("Permission denied") || text.contains("Operation not permitted"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -207,7 +279,10 @@ fn nbdcopy_round_trip_keeps_checksums() {
     let back = d.path("back.raw");
     run_ok("nbdcopy", &[&uri(&d), back.to_str().unwrap()]);
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&back).unwrap());
-    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(d.path("img.raw")).unwrap());
+    assert_eq!(
+        std::fs::read(&src).unwrap(),
+        std::fs::read(d.path("img.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -219,24 +294,51 @@ fn fio_verify_with_several_connections() {
     let out = Command::new("fio")
         .current_dir(d.dir.path())
         .args([
-            "--name=verify", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
-            "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--numjobs=1",
-            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", uri(&d)),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=16",
+            "--numjobs=1",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Three connections at once on separate regions.
     let out = Command::new("fio")
         .current_dir(d.dir.path())
         .args([
-            "--name=multi", "--ioengine=nbd", &format!("--uri={}", uri(&d)),
-            "--rw=randrw", "--bs=4k", "--size=2M", "--iodepth=8", "--numjobs=3",
-            "--offset_increment=2M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+            "--name=multi",
+            "--ioengine=nbd",
+            &format!("--uri={}", uri(&d)),
+            "--rw=randrw",
+            "--bs=4k",
+            "--size=2M",
+            "--iodepth=8",
+            "--numjobs=3",
+            "--offset_increment=2M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -268,7 +370,11 @@ fn block_export_del_modes_and_events() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "up");
     let (_, e) = qmp.err("block-export-del", json!({"id": "e0"}));
     assert_eq!(e, "export 'e0' still in use");

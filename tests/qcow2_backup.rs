@@ -33,12 +33,23 @@ fn make_chain(dir: &Path, layers: usize) -> String {
     qemu_io(&base, &["write -P 0x11 0 1M", "write -P 0x12 2M 64k"]);
     let mut below = base.clone();
     if layers >= 3 {
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid]);
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
+        ]);
         qemu_io(&mid, &["write -P 0x21 512k 128k"]);
         below = mid.clone();
     }
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &below, "-F", "qcow2", &top]);
-    qemu_io(&top, &["write -P 0x31 64k 64k", "write -z 128k 64k", "write -P 0x32 3M 64k"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &below, "-F", "qcow2", &top,
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x31 64k 64k",
+            "write -z 128k 64k",
+            "write -P 0x32 3M 64k",
+        ],
+    );
     top
 }
 
@@ -78,14 +89,29 @@ fn allocation_depth_and_base_allocation_maps_match_qsd() {
                 &["map", "--output=json", "--image-opts",
                   &format!("driver=nbd,server.type=unix,server.path={},export=top,x-dirty-bitmap=qemu:allocation-depth", d.path("nbd.sock").display())],
             );
-            let contents = run_ok("qemu-img", &["convert", "-O", "raw", &uri, d.path("out.raw").to_str().unwrap()]);
+            let contents = run_ok(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    &uri,
+                    d.path("out.raw").to_str().unwrap(),
+                ],
+            );
             let _ = contents;
             let data = std::fs::read(d.path("out.raw")).unwrap();
             maps.push((depth, base, img_map, data));
         }
         let (ours, theirs) = (&maps[0], &maps[1]);
-        assert_eq!(ours.0, theirs.0, "{layers} layers: allocation-depth maps differ");
-        assert_eq!(ours.1, theirs.1, "{layers} layers: base:allocation maps differ");
+        assert_eq!(
+            ours.0, theirs.0,
+            "{layers} layers: allocation-depth maps differ"
+        );
+        assert_eq!(
+            ours.1, theirs.1,
+            "{layers} layers: base:allocation maps differ"
+        );
         assert_eq!(ours.2, theirs.2, "{layers} layers: qemu-img map differs");
         assert!(ours.3 == theirs.3, "{layers} layers: contents differ");
         // The three states are all there: local, backing, unallocated.
@@ -97,7 +123,10 @@ fn allocation_depth_and_base_allocation_maps_match_qsd() {
 
 /// Reads the dirty extents of `bitmap` over NBD: (offset, length) pairs.
 fn dirty_extents(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
-    let out = run_ok("nbdinfo", &["--json", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri]);
+    let out = run_ok(
+        "nbdinfo",
+        &["--json", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri],
+    );
     let v: Value = serde_json::from_str(&out).unwrap();
     v.as_array()
         .unwrap()
@@ -134,26 +163,49 @@ fn incremental_backup_through_dirty_bitmap() {
     let mut qmp = d.qmp();
     // Full backup, then start tracking.
     std::fs::copy(&img, &backup).unwrap();
-    qmp.ok("block-dirty-bitmap-add", json!({"node": "disk0", "name": "b0"}));
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "b0"}),
+    );
     qmp.ok(
         "block-export-add",
         json!({"type": "vhost-user-blk", "id": "v0", "node-name": "disk0", "writable": true,
                "addr": {"type": "unix", "path": vsock}}),
     );
-    qmp.ok("block-export-add", json!({"type": "nbd", "id": "w0", "node-name": "disk0", "name": "rw", "writable": true}));
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "w0", "node-name": "disk0", "name": "rw", "writable": true}),
+    );
     // Guest writes through vhost-user-blk, a tool writes through NBD.
     {
         let mut c = Client::connect(&vsock, &ClientOptions::default()).unwrap();
         assert_eq!(c.queue(0).write(2048, &[0xee; 4096]).unwrap(), 0);
-        assert_eq!(c.queue(0).discard_write_zeroes(13, 8192, 128, 0).unwrap(), 0);
+        assert_eq!(
+            c.queue(0).discard_write_zeroes(13, 8192, 128, 0).unwrap(),
+            0
+        );
     }
     let rw = format!("nbd+unix:///rw?socket={}", nsock.display());
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x99 6M 100k", &rw]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x99 6M 100k", &rw],
+    );
     // Freeze the bitmap and export it read-only for the backup.
-    qmp.ok("block-dirty-bitmap-disable", json!({"node": "disk0", "name": "b0"}));
-    qmp.ok("block-export-add", json!({"type": "nbd", "id": "bk", "node-name": "disk0", "name": "bk", "bitmaps": ["b0"]}));
+    qmp.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "disk0", "name": "b0"}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "bk", "node-name": "disk0", "name": "bk", "bitmaps": ["b0"]}),
+    );
     let nodes = qmp.ok("query-named-block-nodes", json!({}));
-    let entry = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
+    let entry = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap();
     assert_eq!(entry["dirty-bitmaps"][0]["busy"], true);
     let uri = format!("nbd+unix:///bk?socket={}", nsock.display());
     let extents = dirty_extents(&uri, "b0");
@@ -168,8 +220,23 @@ fn incremental_backup_through_dirty_bitmap() {
         dst[o..o + l].copy_from_slice(&src[o..o + l]);
     }
     std::fs::write(&backup, dst).unwrap();
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", &uri, backup.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &uri,
+            backup.to_str().unwrap(),
+        ],
+    );
     // Without the dirty extents the backup would differ: the test can fail.
-    assert!(extents.iter().any(|(o, l)| *o <= 2048 * 512 && o + l > 2048 * 512));
-    assert!(extents.iter().any(|(o, l)| *o <= 6 << 20 && o + l > 6 << 20));
+    assert!(extents
+        .iter()
+        .any(|(o, l)| *o <= 2048 * 512 && o + l > 2048 * 512));
+    assert!(extents
+        .iter()
+        .any(|(o, l)| *o <= 6 << 20 && o + l > 6 << 20));
 }

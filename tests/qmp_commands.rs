@@ -41,26 +41,65 @@ fn blockdev_add_and_del_errors_match_qsd() {
         let img = d.path("img.raw");
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         vec![
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "null0", "size": 1048576})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "null0"})),
-            ("blockdev-add", json!({"driver": "file", "node-name": "f1", "filename": d.path("does-not-exist")})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "1bad"})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "#bad"})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "null0", "size": 1048576}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "null0"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "f1", "filename": d.path("does-not-exist")}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "1bad"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "#bad"}),
+            ),
             ("blockdev-add", json!({"driver": "null-co"})),
             ("blockdev-add", json!({"driver": "nope", "node-name": "x"})),
-            ("blockdev-add", json!({"driver": "raw", "node-name": "r9", "file": "nonexistent"})),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "r9", "file": "nonexistent"}),
+            ),
             ("blockdev-add", json!({"driver": "file", "node-name": "f2"})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "n2", "bogus": 1})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "n3", "size": "1M"})),
-            ("blockdev-add", json!({"driver": "file", "node-name": "file0", "filename": img})),
-            ("blockdev-add", json!({"driver": "raw", "node-name": "fmt0", "file": "file0"})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "n2", "bogus": 1}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "n3", "size": "1M"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "file0", "filename": img}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "fmt0", "file": "file0"}),
+            ),
             ("blockdev-del", json!({"node-name": "file0"})),
             ("blockdev-del", json!({"node-name": "nope"})),
-            ("block_resize", json!({"node-name": "null0", "size": 2097152})),
-            ("block_resize", json!({"node-name": "fmt0", "size": 2097152})),
+            (
+                "block_resize",
+                json!({"node-name": "null0", "size": 2097152}),
+            ),
+            (
+                "block_resize",
+                json!({"node-name": "fmt0", "size": 2097152}),
+            ),
             ("block_resize", json!({"node-name": "fmt0", "size": -1})),
             ("block_resize", json!({"node-name": "nope", "size": 512})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "ro0", "read-only": true})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "ro0", "read-only": true}),
+            ),
             ("block_resize", json!({"node-name": "ro0", "size": 512})),
             ("blockdev-del", json!({"node-name": "fmt0"})),
             ("blockdev-del", json!({"node-name": "file0"})),
@@ -81,12 +120,26 @@ fn resize_changes_the_file_and_query_reports_nodes() {
     let img = d.path("img.raw");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let mut qmp = d.qmp();
-    qmp.ok("blockdev-add", json!({"driver": "file", "node-name": "file0", "filename": img}));
-    qmp.ok("blockdev-add", json!({"driver": "raw", "node-name": "fmt0", "file": "file0"}));
-    qmp.ok("block_resize", json!({"node-name": "fmt0", "size": 4 << 20}));
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "file0", "filename": img}),
+    );
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "fmt0", "file": "file0"}),
+    );
+    qmp.ok(
+        "block_resize",
+        json!({"node-name": "fmt0", "size": 4 << 20}),
+    );
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 20);
     let nodes = qmp.ok("query-named-block-nodes", json!({}));
-    let fmt = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "fmt0").unwrap();
+    let fmt = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "fmt0")
+        .unwrap();
     assert_eq!(fmt["drv"], "raw");
     assert_eq!(fmt["image"]["virtual-size"], 4 << 20);
     assert_eq!(fmt["file"], img.to_str().unwrap());
@@ -99,7 +152,10 @@ fn iothreads_are_real_threads_and_in_use_ones_cannot_be_deleted() {
     let mut qmp = d.qmp();
     qmp.ok("object-add", json!({"qom-type": "iothread", "id": "io1"}));
     let (_, dup) = qmp.err("object-add", json!({"qom-type": "iothread", "id": "io1"}));
-    assert_eq!(dup, "attempt to add duplicate property 'io1' to object (type 'container')");
+    assert_eq!(
+        dup,
+        "attempt to add duplicate property 'io1' to object (type 'container')"
+    );
     let threads = qmp.ok("query-iothreads", json!({}));
     let list = threads.as_array().unwrap();
     assert_eq!(list.len(), 2);
@@ -110,9 +166,18 @@ fn iothreads_are_real_threads_and_in_use_ones_cannot_be_deleted() {
         assert_eq!(comm.trim(), t["id"].as_str().unwrap());
     }
     let sock = d.path("nbd.sock");
-    qmp.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": sock}}}));
-    qmp.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0"}));
-    qmp.ok("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "n0", "iothread": "io1"}));
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0"}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "n0", "iothread": "io1"}),
+    );
     let (_, busy) = qmp.err("object-del", json!({"id": "io1"}));
     assert!(busy.contains("io1") && busy.contains("in use"), "{busy}");
     qmp.ok("block-export-del", json!({"id": "e0"}));
@@ -131,33 +196,111 @@ fn export_argument_errors_match_qsd() {
         let nbd = d.path("nbd.sock");
         let long = "x".repeat(4097);
         vec![
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "null0", "size": 1048576})),
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "ro0", "read-only": true})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0"})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "null0", "size": 1048576}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "ro0", "read-only": true}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0"}),
+            ),
             ("nbd-server-stop", json!({})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "path": nbd}})),
-            ("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": 1}}})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": d.path("missing/nbd.sock")}}})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd}}, "max-connections": -1})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd}}, "tls-creds": "nope"})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd}}})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd}}})),
-            ("block-export-add", json!({"type": "nbd", "id": "", "node-name": "null0"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "nope"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "iothread": "noiot"})),
-            ("block-export-add", json!({"type": "nope", "id": "e0", "node-name": "null0"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "ro0", "writable": true})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "name": long})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "description": long})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "bitmaps": ["nobitmap"]})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "bitmaps": "b0"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "writable": "yes"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "num-queues": 1})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0", "name": "x".repeat(4096)})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "null0"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "null0", "name": "null0"})),
-            ("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "null0", "name": ""})),
-            ("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "null0"})),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "path": nbd}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": 1}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": d.path("missing/nbd.sock")}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd}}, "max-connections": -1}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd}}, "tls-creds": "nope"}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "", "node-name": "null0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "nope"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "iothread": "noiot"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nope", "id": "e0", "node-name": "null0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "ro0", "writable": true}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "name": long}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "description": long}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "bitmaps": ["nobitmap"]}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "bitmaps": "b0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "writable": "yes"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "num-queues": 1}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0", "name": "x".repeat(4096)}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "null0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "null0", "name": "null0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "null0", "name": ""}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "null0"}),
+            ),
             ("blockdev-del", json!({"node-name": "null0"})),
             ("query-block-exports", json!({})),
             ("block-export-del", json!({"id": "nope"})),
@@ -185,20 +328,59 @@ fn vhost_user_blk_argument_errors_match_qsd() {
             a
         };
         vec![
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "null0", "size": 1048576})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "null0", "size": 1048576}),
+            ),
             ("block-export-add", vu("q0", json!({"num-queues": 0}))),
             ("block-export-add", vu("q1", json!({"num-queues": 65536}))),
             ("block-export-add", vu("q2", json!({"num-queues": -1}))),
             ("block-export-add", vu("q3", json!({"num-queues": "2"}))),
-            ("block-export-add", vu("l1", json!({"logical-block-size": 1000}))),
-            ("block-export-add", vu("l2", json!({"logical-block-size": 256}))),
-            ("block-export-add", vu("l3", json!({"logical-block-size": 4194304}))),
-            ("block-export-add", vu("a1", json!({"addr": {"type": "inet", "host": "127.0.0.1", "port": "1"}}))),
-            ("block-export-add", vu("a2", json!({"addr": {"type": "unix", "path": d.path("nodir/x.sock")}}))),
-            ("block-export-add", vu("a3", json!({"addr": {"type": "unix", "path": d.path("v.sock"), "bogus": 1}}))),
-            ("block-export-add", vu("a4", json!({"addr": {"type": "fd", "str": "nosuchfd"}}))),
-            ("block-export-add", json!({"type": "vhost-user-blk", "id": "m0", "node-name": "null0"})),
-            ("block-export-add", vu("v0", json!({"num-queues": 2, "logical-block-size": 4096}))),
+            (
+                "block-export-add",
+                vu("l1", json!({"logical-block-size": 1000})),
+            ),
+            (
+                "block-export-add",
+                vu("l2", json!({"logical-block-size": 256})),
+            ),
+            (
+                "block-export-add",
+                vu("l3", json!({"logical-block-size": 4194304})),
+            ),
+            (
+                "block-export-add",
+                vu(
+                    "a1",
+                    json!({"addr": {"type": "inet", "host": "127.0.0.1", "port": "1"}}),
+                ),
+            ),
+            (
+                "block-export-add",
+                vu(
+                    "a2",
+                    json!({"addr": {"type": "unix", "path": d.path("nodir/x.sock")}}),
+                ),
+            ),
+            (
+                "block-export-add",
+                vu(
+                    "a3",
+                    json!({"addr": {"type": "unix", "path": d.path("v.sock"), "bogus": 1}}),
+                ),
+            ),
+            (
+                "block-export-add",
+                vu("a4", json!({"addr": {"type": "fd", "str": "nosuchfd"}})),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "vhost-user-blk", "id": "m0", "node-name": "null0"}),
+            ),
+            (
+                "block-export-add",
+                vu("v0", json!({"num-queues": 2, "logical-block-size": 4096})),
+            ),
             ("query-block-exports", json!({})),
             ("block-export-del", json!({"id": "v0"})),
             ("query-block-exports", json!({})),
@@ -215,7 +397,10 @@ fn vhost_user_blk_argument_errors_match_qsd() {
 fn logical_block_size_zero_is_refused_unlike_qsd() {
     let d = Daemon::start(Impl::Blkd, &[]);
     let mut qmp = d.qmp();
-    qmp.ok("blockdev-add", json!({"driver": "null-co", "node-name": "null0"}));
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "null0"}),
+    );
     let (_, e) = qmp.err(
         "block-export-add",
         json!({"type": "vhost-user-blk", "id": "v0", "node-name": "null0",
@@ -232,30 +417,99 @@ fn bitmap_commands_match_qsd() {
     let (ours, theirs) = both(|d| {
         let nbd = d.path("nbd.sock");
         vec![
-            ("blockdev-add", json!({"driver": "null-co", "node-name": "top", "size": 16777216})),
-            ("block-dirty-bitmap-add", json!({"node": "top", "name": "b0"})),
-            ("block-dirty-bitmap-add", json!({"node": "top", "name": "b0"})),
-            ("block-dirty-bitmap-add", json!({"node": "top", "name": "b1", "granularity": 1000})),
-            ("block-dirty-bitmap-add", json!({"node": "nonode", "name": "b1"})),
-            ("block-dirty-bitmap-add", json!({"node": "top", "name": "b1", "granularity": 512, "disabled": true})),
-            ("block-dirty-bitmap-enable", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-enable", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-disable", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-disable", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-clear", json!({"node": "top", "name": "nope"})),
-            ("block-dirty-bitmap-merge", json!({"node": "top", "target": "b0", "bitmaps": ["nope"]})),
-            ("block-dirty-bitmap-merge", json!({"node": "top", "target": "b0", "bitmaps": ["b1"]})),
-            ("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd}}})),
-            ("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "top", "bitmaps": ["b0"]})),
-            ("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "top", "bitmaps": ["b1"]})),
-            ("block-export-add", json!({"type": "nbd", "id": "e2", "node-name": "top", "name": "x", "bitmaps": ["b1"]})),
-            ("block-dirty-bitmap-remove", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-enable", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-clear", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-merge", json!({"node": "top", "target": "b0", "bitmaps": ["b1"]})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "top", "size": 16777216}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "top", "name": "b0"}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "top", "name": "b0"}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "top", "name": "b1", "granularity": 1000}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "nonode", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "top", "name": "b1", "granularity": 512, "disabled": true}),
+            ),
+            (
+                "block-dirty-bitmap-enable",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-enable",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-disable",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-disable",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-clear",
+                json!({"node": "top", "name": "nope"}),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "top", "target": "b0", "bitmaps": ["nope"]}),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "top", "target": "b0", "bitmaps": ["b1"]}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "top", "bitmaps": ["b0"]}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "top", "bitmaps": ["b1"]}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e2", "node-name": "top", "name": "x", "bitmaps": ["b1"]}),
+            ),
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-enable",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-clear",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "top", "target": "b0", "bitmaps": ["b1"]}),
+            ),
             ("block-export-del", json!({"id": "e1"})),
-            ("block-dirty-bitmap-remove", json!({"node": "top", "name": "b1"})),
-            ("block-dirty-bitmap-remove", json!({"node": "top", "name": "b1"})),
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": "top", "name": "b1"}),
+            ),
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": "top", "name": "b1"}),
+            ),
         ]
     });
     assert_same(&ours, &theirs);

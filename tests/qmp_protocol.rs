@@ -16,7 +16,10 @@ fn exchange(qmp: &mut Qmp, input: &[u8], replies: usize) -> Vec<Value> {
 /// one produces (from observed-qmp.md).
 const BEFORE: &[(&str, usize)] = &[
     ("{\"execute\": \"query-version\"}\n", 1),
-    ("{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n", 1),
+    (
+        "{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"foo\"]}}\n",
+        1,
+    ),
 ];
 
 const AFTER: &[(&str, usize)] = &[
@@ -26,10 +29,22 @@ const AFTER: &[(&str, usize)] = &[
     ("{\"execute\": \"nope\", \"id\": {\"a\": [1, null]}}\n", 1),
     ("{\"execute\": \"query-version\", \"arguments\": {}}\n", 1),
     ("{\"execute\": \"blockdev-del\"}\n", 1),
-    ("{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": 1}}\n", 1),
-    ("{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": \"x\", \"x\": 1}}\n", 1),
-    ("{\"execute\": \"block-export-del\", \"arguments\": {\"id\": \"e\", \"mode\": 1}}\n", 1),
-    ("{\"execute\": \"block-export-del\", \"arguments\": {\"id\": \"e\", \"mode\": \"soft\"}}\n", 1),
+    (
+        "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": 1}}\n",
+        1,
+    ),
+    (
+        "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": \"x\", \"x\": 1}}\n",
+        1,
+    ),
+    (
+        "{\"execute\": \"block-export-del\", \"arguments\": {\"id\": \"e\", \"mode\": 1}}\n",
+        1,
+    ),
+    (
+        "{\"execute\": \"block-export-del\", \"arguments\": {\"id\": \"e\", \"mode\": \"soft\"}}\n",
+        1,
+    ),
     ("[1, 2]\n", 1),
     ("\"str\"\n", 1),
     ("42\n", 1),
@@ -38,15 +53,24 @@ const AFTER: &[(&str, usize)] = &[
     ("{\"execute\": 1}\n", 1),
     ("{\"execute\": \"query-version\", \"arguments\": []}\n", 1),
     ("{\"execute\": \"query-version\", \"foo\": 1}\n", 1),
-    ("{\"execute\": \"query-version\", \"execute\": \"quit\"}\n", 1),
+    (
+        "{\"execute\": \"query-version\", \"execute\": \"quit\"}\n",
+        1,
+    ),
     ("{\"execute\": }\n", 1),
     ("{\"execute\": \"query-version\",}\n", 1),
     ("hello\n", 1),
     ("{'execute': 'query-version'}\n", 1),
     ("{\"execute\": \"query-version\"}}\n", 2),
-    ("{\"execute\": \"query-version\"}{\"execute\": \"query-version\"}\n", 2),
+    (
+        "{\"execute\": \"query-version\"}{\"execute\": \"query-version\"}\n",
+        2,
+    ),
     ("\"abc\n", 1),
-    ("{\"execute\": \"query-version\", \"exec-oob\": \"query-version\"}\n", 1),
+    (
+        "{\"execute\": \"query-version\", \"exec-oob\": \"query-version\"}\n",
+        1,
+    ),
 ];
 
 /// Replies with the version fields masked, since blkd reports its own package.
@@ -68,7 +92,11 @@ fn transcript(which: Impl) -> Vec<Value> {
     for (input, n) in BEFORE {
         out.extend(exchange(&mut qmp, input.as_bytes(), *n));
     }
-    out.extend(exchange(&mut qmp, b"{\"execute\": \"qmp_capabilities\"}\n", 1));
+    out.extend(exchange(
+        &mut qmp,
+        b"{\"execute\": \"qmp_capabilities\"}\n",
+        1,
+    ));
     for (input, n) in AFTER {
         out.extend(exchange(&mut qmp, input.as_bytes(), *n));
     }
@@ -109,7 +137,10 @@ fn protocol_replies_match_qsd() {
         "JSON parse error, expecting value",
         "JSON parse error, invalid keyword 'hello'",
     ] {
-        assert!(descs.contains(&expected), "missing error {expected:?} in {descs:?}");
+        assert!(
+            descs.contains(&expected),
+            "missing error {expected:?} in {descs:?}"
+        );
     }
     let with_id: Vec<&Value> = ours.iter().filter(|v| v.get("id").is_some()).collect();
     assert_eq!(with_id[0]["id"], json!("abc"));
@@ -148,8 +179,14 @@ fn oversized_and_garbage_input_does_not_disturb_other_clients() {
     let _ = std::io::Write::write_all(&mut bad.writer, &big);
     let v = good.ok("query-version", json!({}));
     assert_eq!(v["qemu"]["major"], 10);
-    good.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0"}));
-    assert_eq!(good.ok("query-named-block-nodes", json!({}))[0]["node-name"], "n0");
+    good.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0"}),
+    );
+    assert_eq!(
+        good.ok("query-named-block-nodes", json!({}))[0]["node-name"],
+        "n0"
+    );
 }
 
 #[test]
@@ -163,7 +200,10 @@ fn several_clients_at_once_all_get_events() {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": sock}}}),
     );
-    b.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0"}));
+    b.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0"}),
+    );
     a.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "n0"}),
@@ -182,7 +222,11 @@ fn several_clients_at_once_all_get_events() {
     }
     // A client that never negotiated gets no events: its next line is the
     // reply to its own command.
-    let r = exchange(&mut unnegotiated, b"{\"execute\": \"qmp_capabilities\"}\n", 1);
+    let r = exchange(
+        &mut unnegotiated,
+        b"{\"execute\": \"qmp_capabilities\"}\n",
+        1,
+    );
     assert_eq!(r[0], json!({"return": {}}));
 }
 
@@ -224,7 +268,11 @@ fn query_commands_and_schema_describe_what_blkd_implements() {
         .iter()
         .filter(|e| e["meta-type"] == "command")
         .collect();
-    assert_eq!(commands.len(), names.len(), "schema and query-commands disagree");
+    assert_eq!(
+        commands.len(),
+        names.len(),
+        "schema and query-commands disagree"
+    );
     // Every command's arg-type resolves to an object type in the schema.
     let export_add = commands
         .iter()
@@ -241,7 +289,9 @@ fn query_commands_and_schema_describe_what_blkd_implements() {
         .map(|v| v["case"].as_str().unwrap())
         .collect();
     assert!(cases.contains(&"nbd") && cases.contains(&"vhost-user-blk"));
-    assert!(entries.iter().any(|e| e["meta-type"] == "event" && e["name"] == "BLOCK_EXPORT_DELETED"));
+    assert!(entries
+        .iter()
+        .any(|e| e["meta-type"] == "event" && e["name"] == "BLOCK_EXPORT_DELETED"));
 }
 
 #[test]

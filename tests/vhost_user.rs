@@ -86,10 +86,20 @@ fn every_request_type_on_every_queue() {
         let id = queue.get_id().unwrap();
         assert_eq!(id.status, S_OK);
         assert_eq!(&id.data[..4], b"vub0");
-        assert_eq!(queue.discard_write_zeroes(T_WRITE_ZEROES, q * 16, 8, 0).unwrap(), S_OK);
+        assert_eq!(
+            queue
+                .discard_write_zeroes(T_WRITE_ZEROES, q * 16, 8, 0)
+                .unwrap(),
+            S_OK
+        );
         let z = queue.read(q * 16, 4096).unwrap();
         assert!(z.data.iter().all(|b| *b == 0));
-        assert_eq!(queue.discard_write_zeroes(T_DISCARD, q * 16 + 8, 8, 0).unwrap(), S_OK);
+        assert_eq!(
+            queue
+                .discard_write_zeroes(T_DISCARD, q * 16 + 8, 8, 0)
+                .unwrap(),
+            S_OK
+        );
         // Beyond the end of the disk.
         assert_eq!(queue.read((4 << 20) / 512, 512).unwrap().status, S_IOERR);
         // An unknown request type.
@@ -198,7 +208,10 @@ fn resize_notifies_the_front_end_and_delete_removes_the_socket() {
     let d = start(Impl::Blkd, "");
     let mut qmp = d.qmp();
     let mut c = Client::connect(d.path("vhost.sock"), &options(1)).unwrap();
-    qmp.ok("block_resize", json!({"node-name": "disk0", "size": 8 << 20}));
+    qmp.ok(
+        "block_resize",
+        json!({"node-name": "disk0", "size": 8 << 20}),
+    );
     c.recv_backend_request(Duration::from_secs(5)).unwrap();
     assert_eq!(c.config().unwrap().capacity, (8 << 20) / 512);
     // Safe mode succeeds with a front-end connected, as in QSD.
@@ -222,7 +235,10 @@ fn read_only_export_refuses_writes() {
             "--blockdev",
             "null-co,node-name=n0,size=1048576,read-zeroes=on",
             "--export",
-            &format!("vhost-user-blk,id=ro,node-name=n0,addr.type=unix,addr.path={}", sock.display()),
+            &format!(
+                "vhost-user-blk,id=ro,node-name=n0,addr.type=unix,addr.path={}",
+                sock.display()
+            ),
         ],
     );
     let mut c = Client::connect(&sock, &options(1)).unwrap();

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmarks blkd against its peers in one run; started by scripts/bench.sh.
 
-NBD: blkd, qemu-storage-daemon, qemu-nbd and nbdkit (file plugin) serve the
-same raw image, driven by fio's nbd engine over a unix socket and over TCP.
+NBD: blkd, qemu-storage-daemon, qemu-nbd and nbdkit (file plugin) serve
+identical copies of one raw image, driven by fio's nbd engine over a unix
+socket and over TCP.
 vhost-user-blk: blkd and qemu-storage-daemon, driven by the vublk example
 (a virtio-driver based userspace driver), on null-co and on a raw file.
 
@@ -192,6 +193,16 @@ def vhost_server(name, backend, image, null_size, rundir, logdir, blkd):
     return Server(name, argv, ("unix", sock), logdir, f"vhost-{backend}"), sock
 
 
+def start_all(servers):
+    """Starts the servers; one that fails is retried before each of its
+    runs, and those runs are recorded as failed."""
+    for s in servers:
+        try:
+            s.start()
+        except RuntimeError as e:
+            log(f"  {e}")
+
+
 class Case:
     def __init__(self, group, name, rw, bs, iodepth, queues=1):
         self.group = group  # e.g. "nbd-unix", "vhost-null"
@@ -300,8 +311,9 @@ def measure(server, case, client, image):
     return result
 
 
-def run_group(cases, servers, client_for, image, rounds, results):
-    """Runs every case `rounds` times, interleaving the servers."""
+def run_group(cases, servers, client_for, images, rounds, results):
+    """Runs every case `rounds` times, interleaving the servers. `images`
+    maps a server name to the image file to warm before its runs."""
     for case in cases:
         for rnd in range(rounds):
             # Rotate the order each round so no server always runs first.
@@ -309,7 +321,8 @@ def run_group(cases, servers, client_for, image, rounds, results):
             for server in order:
                 entry = {"case": case.id, "server": server.name, "round": rnd}
                 try:
-                    entry.update(measure(server, case, client_for(server, case, rnd), image))
+                    client = client_for(server, case, rnd)
+                    entry.update(measure(server, case, client, images.get(server.name)))
                     log(
                         f"  {case.id:34} {server.name:9} round {rnd}: "
                         f"{entry['iops']:>10.0f} IOPS {entry['mib_s']:>8.1f} MiB/s "
@@ -446,9 +459,15 @@ def main():
     outdir = args.out or os.path.join(tempfile.gettempdir(), f"blkd-bench-{stamp}")
     os.makedirs(outdir, exist_ok=True)
     rundir = tempfile.mkdtemp(prefix="blkd-bench-run-")
-    image = os.path.join(rundir, "img.raw")
-    log(f"results in {outdir}; creating a {image_size // MIB} MiB image")
-    make_image(image, image_size)
+    # One identical copy per server: servers lock their images differently
+    # (blkd and QSD refuse each other's writable image), and separate files
+    # keep one server's dirty pages out of another's runs.
+    log(f"results in {outdir}; creating {len(wanted)} {image_size // MIB} MiB images")
+    images = {name: os.path.join(rundir, f"img-{name}.raw") for name in wanted}
+    first = images[wanted[0]]
+    make_image(first, image_size)
+    for name in wanted[1:]:
+        shutil.copyfile(first, images[name])
 
     runs = []
     all_cases = []
@@ -465,19 +484,18 @@ def main():
                 all_cases += cases
                 servers, uris = [], {}
                 for name in wanted:
-                    s, uri = nbd_server(name, transport, image, rundir, outdir, args.blkd)
+                    s, uri = nbd_server(name, transport, images[name], rundir, outdir, args.blkd)
                     servers.append(s)
                     uris[name] = uri
                 log(f"NBD over {transport}: {', '.join(s.name for s in servers)}")
                 try:
-                    for s in servers:
-                        s.start()
+                    start_all(servers)
 
                     def fio_client(server, case, rnd, uris=uris):
                         tag = f"{case.group}-{case.name}-{server.name}-{rnd}"
                         return lambda: run_fio(case, uris[server.name], fio_runtime, outdir, tag)
 
-                    run_group(cases, servers, fio_client, image, rounds, runs)
+                    run_group(cases, servers, fio_client, images, rounds, runs)
                 finally:
                     for s in servers:
                         s.stop()
@@ -491,19 +509,18 @@ def main():
                 all_cases += cases
                 servers, socks = [], {}
                 for name in vhost_wanted:
-                    s, sock = vhost_server(name, backend, image, image_size, rundir, outdir, args.blkd)
+                    s, sock = vhost_server(name, backend, images[name], image_size, rundir, outdir, args.blkd)
                     servers.append(s)
                     socks[name] = sock
                 log(f"vhost-user-blk on {backend}: {', '.join(s.name for s in servers)}")
                 try:
-                    for s in servers:
-                        s.start()
+                    start_all(servers)
 
                     def vublk_client(server, case, rnd, socks=socks):
                         return lambda: run_vublk(case, args.vublk, socks[server.name], runtime)
 
-                    warm_image = image if backend == "file" else None
-                    run_group(cases, servers, vublk_client, warm_image, rounds, runs)
+                    warm_images = images if backend == "file" else {}
+                    run_group(cases, servers, vublk_client, warm_images, rounds, runs)
                 finally:
                     for s in servers:
                         s.stop()

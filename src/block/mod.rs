@@ -90,7 +90,6 @@ pub trait BlockDriver: Send + Sync {
     fn resize(&self, new_size: u64) -> io::Result<()>;
 }
 
-
 /// What a node does with discard requests (`blockdev-add`'s `discard`).
 /// The `cache` options of a node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -67,7 +67,6 @@ impl BlockDriver for NullDriver {
         self.read_only
     }
 
-
     /// Without `read-zeroes` the buffers are left as they are, like QEMU:
     /// callers must not hand in buffers that hold data another client may not see.
     fn read_vectored(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::{
-    CacheMode,
-    round_up_to_sector, unsigned_option, BlockDriver, BlockNode, Extent, OpenContext, ZeroFlags,
+    round_up_to_sector, unsigned_option, BlockDriver, BlockNode, CacheMode, Extent, OpenContext,
+    ZeroFlags,
 };
 
 pub struct RawDriver {

@@ -75,7 +75,13 @@ impl nbd::ExportBackend for NodeDisk {
         self.after_write(false)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         self.node.write_zeroes(
             offset,
             len,

@@ -55,7 +55,11 @@ impl Exports {
     pub fn uses_node(&self, node: &Arc<BlockNode>) -> bool {
         self.list.iter().any(|e| {
             Arc::ptr_eq(&e.node, node)
-                || e.node.driver().children().iter().any(|c| Arc::ptr_eq(c, node))
+                || e.node
+                    .driver()
+                    .children()
+                    .iter()
+                    .any(|c| Arc::ptr_eq(c, node))
         })
     }
 
@@ -130,7 +134,10 @@ impl Daemon {
             Some(other) => return Err(format!("Parameter 'type' does not accept value '{other}'")),
             None => return Err("Parameter 'type' is missing".into()),
         };
-        log::info!("export '{id}' ({}) of node '{node_name}' added", export.type_name());
+        log::info!(
+            "export '{id}' ({}) of node '{node_name}' added",
+            export.type_name()
+        );
         self.exports.list.insert(0, export);
         Ok(())
     }
@@ -155,7 +162,7 @@ impl Daemon {
                 return Err(format!("description '{d}' too long"));
             }
         }
-        if nbd.server.export_names().iter().any(|n| *n == name) {
+        if nbd.server.export_names().contains(&name) {
             return Err(format!("NBD server already has export named '{name}'"));
         }
         let writable = bool_arg(args, "writable");
@@ -261,7 +268,9 @@ impl Daemon {
 
     /// Drops a deleted export and raises `BLOCK_EXPORT_DELETED`.
     fn finish_export_removal(&mut self, id: &str, after_reply: bool) {
-        let Some(export) = self.exports.remove(id) else { return };
+        let Some(export) = self.exports.remove(id) else {
+            return;
+        };
         for b in &export.bitmaps {
             export.node.set_bitmap_busy(b, false);
         }

@@ -129,7 +129,9 @@ impl Daemon {
                         return Err(format!("IOThread \"{t}\" object not found"));
                     }
                     if names.iter().any(|n| n == t) {
-                        return Err(format!("duplicate IOThread name \"{t}\" in iothread-vq-mapping"));
+                        return Err(format!(
+                            "duplicate IOThread name \"{t}\" in iothread-vq-mapping"
+                        ));
                     }
                     names.push(t.to_string());
                     queues.push(Vec::new());
@@ -150,9 +152,14 @@ impl Daemon {
                         None => spread.push(i),
                     }
                 }
-                let unassigned: Vec<u16> = (0..num_queues).filter(|q| owner[usize::from(*q)].is_none()).collect();
+                let unassigned: Vec<u16> = (0..num_queues)
+                    .filter(|q| owner[usize::from(*q)].is_none())
+                    .collect();
                 if !unassigned.is_empty() && spread.is_empty() {
-                    return Err(format!("missing vq {} IOThread assignment in iothread-vq-mapping", unassigned[0]));
+                    return Err(format!(
+                        "missing vq {} IOThread assignment in iothread-vq-mapping",
+                        unassigned[0]
+                    ));
                 }
                 for (n, q) in unassigned.into_iter().enumerate() {
                     queues[spread[n % spread.len()]].push(q);
@@ -175,7 +182,10 @@ impl Daemon {
         args: &Map<String, Value>,
         mut iothreads: Vec<String>,
     ) -> Result<Export, String> {
-        let lbs = args.get("logical-block-size").and_then(Value::as_u64).unwrap_or(512);
+        let lbs = args
+            .get("logical-block-size")
+            .and_then(Value::as_u64)
+            .unwrap_or(512);
         // Unlike QSD, 0 is refused: a device with blk_size 0 confuses guests.
         if !lbs.is_power_of_two() || !(512..=2 * 1024 * 1024).contains(&lbs) {
             return Err(LBS_ERROR.into());
@@ -202,8 +212,14 @@ impl Daemon {
             _ => return Err("Parameter 'addr' is missing".into()),
         };
         let (listener, socket) = listen(&addr)?;
-        let writable = args.get("writable").and_then(Value::as_bool).unwrap_or(false);
-        let writethrough = args.get("writethrough").and_then(Value::as_bool).unwrap_or(false);
+        let writable = args
+            .get("writable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let writethrough = args
+            .get("writethrough")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let config = vhost_blk::BlkConfig {
             serial: id.to_string(),
             num_queues,

@@ -68,7 +68,10 @@ impl Daemon {
         let qmp = dir.path().join("qmp.sock");
         let mut cmd = Command::new(which.program());
         cmd.arg("--chardev")
-            .arg(format!("socket,id=m0,path={},server=on,wait=off", qmp.display()))
+            .arg(format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp.display()
+            ))
             .arg("--monitor")
             .arg("chardev=m0")
             .args(args)
