@@ -77,16 +77,27 @@ impl Daemon {
         if granularity < 512 || !granularity.is_power_of_two() {
             return Err("Granularity must be power of 2 and at least 512".into());
         }
-        if args.get("persistent").and_then(Value::as_bool) == Some(true) {
-            // Persistence needs the qcow2 bitmap extension; never write a
-            // format QEMU could not read back.
-            return Err(format!(
-                "Can't store persistent bitmaps to {}: Operation not supported",
-                node.name()
-            ));
+        let persistent = args.get("persistent").and_then(Value::as_bool) == Some(true);
+        if persistent {
+            // Only drivers that write QEMU's on-disk format (qcow2) take them.
+            if !node.driver().stores_bitmaps() {
+                return Err(format!(
+                    "Can't store persistent bitmaps to {}: Operation not supported",
+                    node.name()
+                ));
+            }
+            node.driver()
+                .check_new_persistent_bitmap(name, granularity)
+                .map_err(|cause| {
+                    format!(
+                        "Can't make bitmap '{name}' persistent in '{}': {cause}",
+                        node.name()
+                    )
+                })?;
         }
         let mut bm = DirtyBitmap::new(name, granularity, node.driver().size());
         bm.recording = args.get("disabled").and_then(Value::as_bool) != Some(true);
+        bm.persistent = persistent;
         node.add_bitmap(bm);
         Ok(())
     }
@@ -152,7 +163,8 @@ impl Daemon {
         if bm.busy {
             return Err(in_use(name));
         }
-        if bm.recording && !writable {
+        // A read-only node cannot change, so its recording bitmaps stay exact.
+        if bm.recording && !writable && !node.driver().read_only() {
             return Err(format!(
                 "Enabled bitmap '{name}' incompatible with readonly export"
             ));

@@ -387,3 +387,29 @@ fn block_export_del_modes_and_events() {
     let _ = client.kill();
     let _ = client.wait();
 }
+
+#[test]
+fn null_co_reads_never_show_earlier_request_data() {
+    // null-co without read-zeroes leaves read buffers alone; the NBD server
+    // reuses its buffers, so blkd must clear them.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let d = Daemon::start_in(
+        Impl::Blkd,
+        dir,
+        &[
+            "--blockdev",
+            "null-co,node-name=n0,size=1048576",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export",
+            "nbd,id=e0,node-name=n0,writable=on",
+        ],
+    );
+    let uri = format!("nbd+unix:///n0?socket={}", d.path("nbd.sock").display());
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xaa 0 64k", "-c", "read -P 0 0 64k", "-c", "write -P 0xbb 0 4k", "-c", "read -P 0 4k 4k", &uri],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}

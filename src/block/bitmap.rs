@@ -106,6 +106,35 @@ impl DirtyBitmap {
         total
     }
 
+    /// The bits as the qcow2 bitmap data holds them: chunk `n` is bit
+    /// `n % 8` (least significant first) of byte `n / 8`; one byte per 8
+    /// chunks of a disk of `disk_size` bytes, unused tail bits zero.
+    pub fn to_bytes(&self, disk_size: u64) -> Vec<u8> {
+        let chunks = self.chunks(disk_size);
+        let mut bytes: Vec<u8> = self.bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.resize(chunks.div_ceil(8) as usize, 0);
+        if !chunks.is_multiple_of(8) {
+            if let Some(last) = bytes.last_mut() {
+                *last &= (1u8 << (chunks % 8)) - 1;
+            }
+        }
+        bytes
+    }
+
+    /// A bitmap whose bits are `data` in [`DirtyBitmap::to_bytes`]'s layout;
+    /// missing bytes are clean and bits past the disk end are dropped.
+    pub fn from_bytes(name: &str, granularity: u64, disk_size: u64, data: &[u8]) -> DirtyBitmap {
+        let mut bm = DirtyBitmap::new(name, granularity, disk_size);
+        for (word, bytes) in bm.bits.iter_mut().zip(data.chunks(8)) {
+            let mut le = [0u8; 8];
+            le[..bytes.len()].copy_from_slice(bytes);
+            *word = u64::from_le_bytes(le);
+        }
+        // Clears the tail past the last chunk.
+        bm.resize(disk_size);
+        bm
+    }
+
     /// The run starting at `offset` (at most `len` bytes, at least 1 when
     /// `len > 0`): its length and whether it is dirty.
     pub fn extent(&self, offset: u64, len: u64) -> (u64, bool) {
@@ -154,6 +183,25 @@ mod tests {
         a.merge_from(&b, size);
         assert_eq!(a.dirty_bytes(size), 512);
         assert_eq!(a.extent(3 * 65536, 512), (512, true));
+    }
+
+    #[test]
+    fn byte_layout_is_qemus() {
+        let size = 65536 * 20 + 1;
+        let mut bm = DirtyBitmap::new("b", 65536, size);
+        bm.mark(0, 1);
+        bm.mark(65536 * 9, 1);
+        bm.mark(size - 1, 1);
+        assert_eq!(
+            bm.to_bytes(size),
+            vec![0b0000_0001, 0b0000_0010, 0b0001_0000]
+        );
+        let back = DirtyBitmap::from_bytes("c", 65536, size, &[0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(back.dirty_bytes(size), size);
+        assert_eq!(back.to_bytes(size), vec![0xff, 0xff, 0x1f]);
+        let again = DirtyBitmap::from_bytes("d", 65536, size, &bm.to_bytes(size));
+        assert_eq!(again.dirty_bytes(size), bm.dirty_bytes(size));
+        assert_eq!(again.extent(65536 * 9, size), (65536, true));
     }
 
     #[test]

@@ -10,9 +10,12 @@ pub mod file;
 mod node;
 pub mod null;
 pub mod qcow2;
+mod qcow2_bitmaps;
 pub mod raw;
 
 pub use node::BlockNode;
+
+use bitmap::DirtyBitmap;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -78,6 +81,13 @@ pub trait BlockDriver: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;
     /// Describes the extent that starts at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
+    /// Whether reads always write every byte of the caller's buffers. A
+    /// driver that may leave them as they were (null-co without
+    /// read-zeroes) says no, so that callers reusing buffers across clients
+    /// clear them first.
+    fn fills_read_buffers(&self) -> bool {
+        true
+    }
     /// Bytes the node takes on its storage (`actual-size`), if known.
     fn allocated_size(&self) -> Option<u64> {
         None
@@ -88,6 +98,25 @@ pub trait BlockDriver: Send + Sync {
     }
     /// Changes the size of the node.
     fn resize(&self, new_size: u64) -> io::Result<()>;
+    /// The persistent dirty bitmaps stored in the image, as loaded at open;
+    /// the node takes them when it is created.
+    fn persistent_bitmaps(&self) -> Vec<DirtyBitmap> {
+        Vec::new()
+    }
+    /// Whether the driver can store persistent bitmaps at all (QEMU refuses
+    /// `persistent: true` elsewhere with "Operation not supported").
+    fn stores_bitmaps(&self) -> bool {
+        false
+    }
+    /// Checks that a new persistent bitmap can be stored; the error is the
+    /// cause, without the bitmap and node names.
+    fn check_new_persistent_bitmap(&self, _name: &str, _granularity: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// The node's persistent bitmaps, handed over once when the node closes,
+    /// just before the driver is dropped: a driver that stores bitmaps
+    /// writes these (and drops the ones no longer there) at close.
+    fn store_bitmaps_on_close(&self, _bitmaps: Vec<DirtyBitmap>) {}
 }
 
 /// What a node does with discard requests (`blockdev-add`'s `discard`).

@@ -17,11 +17,13 @@ pub struct BlockNode {
 }
 
 impl BlockNode {
+    /// A node on `driver`, with the persistent bitmaps its image holds.
     pub fn new(name: String, driver: Box<dyn BlockDriver>) -> Self {
+        let bitmaps = driver.persistent_bitmaps();
         BlockNode {
             name,
             driver,
-            bitmaps: Mutex::new(Vec::new()),
+            bitmaps: Mutex::new(bitmaps),
         }
     }
 
@@ -144,5 +146,15 @@ impl BlockNode {
             .find(|b| b.name == name)
             .map(|b| b.extent(offset, len))
             .ok_or_else(|| io::Error::other(format!("dirty bitmap '{name}' was removed")))
+    }
+}
+
+impl Drop for BlockNode {
+    /// Hands the persistent bitmaps to the driver, which stores them when it
+    /// is dropped right after this.
+    fn drop(&mut self) {
+        let bitmaps = self.bitmaps.get_mut().unwrap_or_else(|p| p.into_inner());
+        let persistent = bitmaps.iter().filter(|b| b.persistent).cloned().collect();
+        self.driver.store_bitmaps_on_close(persistent);
     }
 }

@@ -71,14 +71,19 @@ impl BlockDriver for NullDriver {
     /// callers must not hand in buffers that hold data another client may not see.
     fn read_vectored(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         self.wait();
-        // QEMU leaves the buffers untouched without read-zeroes; here they
-        // are zeroed always, so that reused request buffers never show one
-        // client what another one wrote. `read-zeroes` still decides what
-        // block status reports.
-        for buf in bufs.iter_mut() {
-            buf.fill(0);
+        // As QEMU: without read-zeroes the buffers are left as they are
+        // (callers that reuse buffers across clients see
+        // `fills_read_buffers` and clear them).
+        if self.read_zeroes {
+            for buf in bufs.iter_mut() {
+                buf.fill(0);
+            }
         }
         Ok(())
+    }
+
+    fn fills_read_buffers(&self) -> bool {
+        self.read_zeroes
     }
 
     fn write_vectored(&self, _offset: u64, _bufs: &[IoSlice<'_>]) -> io::Result<()> {
@@ -163,15 +168,20 @@ mod tests {
     }
 
     #[test]
-    fn reads_always_return_zeroes() {
-        for read_zeroes in [false, true] {
-            let drv = open_null(json!({"size": 4096, "read-zeroes": read_zeroes}), false).unwrap();
-            let mut a = [0xabu8; 100];
-            let mut b = [0xcdu8; 7];
-            drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
-                .unwrap();
-            assert!(a.iter().all(|&x| x == 0) && b.iter().all(|&x| x == 0));
-        }
+    fn reads_leave_buffers_alone_unless_read_zeroes() {
+        let drv = open_null(json!({"size": 4096}), false).unwrap();
+        assert!(!drv.fills_read_buffers());
+        let mut a = [0xabu8; 100];
+        let mut b = [0xcdu8; 7];
+        drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
+        assert!(a.iter().all(|&x| x == 0xab) && b.iter().all(|&x| x == 0xcd));
+
+        let drv = open_null(json!({"size": 4096, "read-zeroes": true}), false).unwrap();
+        assert!(drv.fills_read_buffers());
+        drv.read_vectored(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
+        assert!(a.iter().all(|&x| x == 0) && b.iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -5,15 +5,18 @@
 //! the `file` node (O_DIRECT, locking) and the backing node can be any driver:
 //! imago reads it as a raw layer and never learns it is itself a qcow2 image.
 //!
-//! imago opens some images it would then damage (it clears autoclear bits,
-//! which drops QEMU's persistent bitmaps) and ignores some header fields
-//! (encryption), so the header is checked here before imago sees it.
+//! imago ignores some header fields (encryption), so the header is checked
+//! here before imago sees it. It also clears the autoclear bits on a writable
+//! open, which makes QEMU drop its persistent bitmaps: they are loaded before
+//! imago opens the image and stored back after it has closed it
+//! ([`super::qcow2_bitmaps`]).
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
@@ -22,17 +25,16 @@ use imago::storage::drivers::CommonStorageHelper;
 use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageCreateOptions};
 use serde_json::{Map, Value};
 
+use super::bitmap::DirtyBitmap;
+use super::qcow2_bitmaps::{self, ImageBitmaps};
 use super::{BlockDriver, BlockNode, CacheMode, DiscardMode, Extent, OpenContext, ZeroFlags};
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
-/// Header extension type of QEMU's persistent dirty bitmaps.
-const BITMAPS_EXTENSION: u32 = 0x2385_2875;
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
-const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Longest backing chain opened from image headers, a bound on the files
 /// a crafted chain can make the daemon open.
 const MAX_HEADER_CHAIN: usize = 64;
@@ -151,11 +153,9 @@ struct HeaderInfo {
     version: u32,
     cluster_size: u64,
     incompatible: u64,
-    autoclear: u64,
     compression_type: u8,
     crypt_method: u32,
     snapshots: u32,
-    has_bitmaps_extension: bool,
 }
 
 fn be32(buf: &[u8], at: usize) -> Option<u32> {
@@ -205,27 +205,20 @@ impl HeaderInfo {
             version,
             cluster_size: 1 << cluster_bits,
             incompatible: 0,
-            autoclear: 0,
             compression_type: 0,
             crypt_method: field32(32)?,
             snapshots: field32(60)?,
-            has_bitmaps_extension: false,
         };
-        let header_length = match version {
-            2 => 72,
+        match version {
+            2 => {}
             3 => {
                 info.incompatible = field64(72)?;
-                info.autoclear = field64(88)?;
-                let len = field32(100)?;
-                if len > 104 {
+                if field32(100)? > 104 {
                     info.compression_type = head.get(104).copied().unwrap_or(0);
                 }
-                u64::from(len)
             }
             v => return Err(format!("Image '{what}' has unsupported qcow2 version {v}")),
-        };
-        info.has_bitmaps_extension = Self::find_extension(file, header_length, info.cluster_size)
-            .map_err(|cause| invalid(&cause))?;
+        }
         let l1 = TableRef {
             offset: field64(40)?,
             entries: u64::from(field32(36)?),
@@ -276,32 +269,8 @@ impl HeaderInfo {
         Ok(())
     }
 
-    /// Walks the header extensions (v3 only) looking for the bitmaps one.
-    fn find_extension(
-        file: &BlockNode,
-        mut offset: u64,
-        cluster_size: u64,
-    ) -> Result<bool, String> {
-        if offset == 72 {
-            // v2 images have no extensions we care about here.
-            return Ok(false);
-        }
-        let area = read_at(file, 0, cluster_size.min(file.driver().size()) as usize)?;
-        loop {
-            let at = usize::try_from(offset).map_err(|_| "header extension offset overflow")?;
-            let (Some(kind), Some(len)) = (be32(&area, at), be32(&area, at + 4)) else {
-                return Err("header extensions run past the first cluster".into());
-            };
-            match kind {
-                0 => return Ok(false),
-                BITMAPS_EXTENSION => return Ok(true),
-                _ => offset += 8 + u64::from(len).next_multiple_of(8),
-            }
-        }
-    }
-
     /// Refuses what imago would misread or what a writable open would damage.
-    fn check(&self, what: &str, writable: bool) -> Result<(), String> {
+    fn check(&self, what: &str) -> Result<(), String> {
         let refuse = |feature: &str| {
             Err(format!(
                 "Image '{what}' uses {feature}, which blkd does not support"
@@ -345,12 +314,6 @@ impl HeaderInfo {
                 "unknown incompatible features (bits {unknown:#x})"
             ));
         }
-        if writable && (self.has_bitmaps_extension || self.autoclear & AUTOCLEAR_BITMAPS != 0) {
-            return Err(format!(
-                "Image '{what}' has persistent dirty bitmaps, which blkd cannot keep consistent; \
-                 open it read-only or remove them with 'qemu-img bitmap --remove'"
-            ));
-        }
         Ok(())
     }
 }
@@ -375,13 +338,18 @@ struct ChainEnv<'a> {
 
 pub struct Qcow2Driver {
     /// Shared for I/O; exclusive for discard and resize, which may free
-    /// clusters that in-flight requests still map.
-    image: RwLock<FormatAccess<NodeStorage>>,
+    /// clusters that in-flight requests still map. Dropped by hand in
+    /// `drop`, before the bitmaps are stored.
+    image: ManuallyDrop<RwLock<FormatAccess<NodeStorage>>>,
     file: Arc<BlockNode>,
     backing: Option<Arc<BlockNode>>,
     read_only: bool,
     discard: DiscardMode,
     header: HeaderInfo,
+    /// The persistent bitmaps the image held at open.
+    stored_bitmaps: ImageBitmaps,
+    /// What the node hands over at close, to be stored.
+    bitmaps_at_close: Mutex<Option<Vec<DirtyBitmap>>>,
 }
 
 /// Opens a `qcow2` node: `file` names the image's file node, `backing` a
@@ -427,7 +395,9 @@ fn open_image(
         ));
     }
     let header = HeaderInfo::read(&file)?;
-    header.check(&what, !read_only)?;
+    header.check(&what)?;
+    // Before imago opens it: a writable open clears the autoclear bits.
+    let stored_bitmaps = qcow2_bitmaps::load(&file, &what, !read_only)?;
     if let Ok(path) = Path::new(&what).canonicalize() {
         env.visited.push(path);
     }
@@ -462,12 +432,14 @@ fn open_image(
     qcow2.set_data_file(None);
 
     Ok(Qcow2Driver {
-        image: RwLock::new(FormatAccess::new(qcow2)),
+        image: ManuallyDrop::new(RwLock::new(FormatAccess::new(qcow2))),
         file,
         backing,
         read_only,
         discard,
         header,
+        stored_bitmaps,
+        bitmaps_at_close: Mutex::new(None),
     })
 }
 
@@ -868,18 +840,69 @@ impl BlockDriver for Qcow2Driver {
         }
         Ok(())
     }
+
+    fn persistent_bitmaps(&self) -> Vec<DirtyBitmap> {
+        self.stored_bitmaps.bitmaps.clone()
+    }
+
+    fn stores_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn check_new_persistent_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
+        if self.header.version < 3 {
+            return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        if self.read_only {
+            return Err("the node is read-only".into());
+        }
+        qcow2_bitmaps::check_new(name, granularity, self.size(), self.header.cluster_size)
+    }
+
+    fn store_bitmaps_on_close(&self, bitmaps: Vec<DirtyBitmap>) {
+        *self
+            .bitmaps_at_close
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(bitmaps);
+    }
 }
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
+        let what = self.filename().unwrap_or_default();
+        if !self.read_only {
+            if let Err(e) = self.image().flush() {
+                log::error!("Could not write qcow2 metadata of '{what}' on close: {e}");
+            }
+        }
+        // SAFETY: `image` is not used after this; the bitmaps below change
+        // the refcounts, so imago must be gone first.
+        unsafe { ManuallyDrop::drop(&mut self.image) };
         if self.read_only {
             return;
         }
-        if let Err(e) = self.image().flush() {
-            log::error!(
-                "Could not write qcow2 metadata of '{}' on close: {e}",
-                self.filename().unwrap_or_default()
-            );
+        let handed = self
+            .bitmaps_at_close
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match handed {
+            Some(bitmaps) if !bitmaps.is_empty() || self.stored_bitmaps.present => {
+                if let Err(e) =
+                    qcow2_bitmaps::store(&self.file, &self.stored_bitmaps.clusters, &bitmaps)
+                {
+                    log::error!(
+                        "Could not store the persistent dirty bitmaps of '{what}': {e}; \
+                         QEMU will consider them inconsistent"
+                    );
+                }
+            }
+            Some(_) => {}
+            None if self.stored_bitmaps.present => log::warn!(
+                "The persistent dirty bitmaps of '{what}' were not stored: \
+                 QEMU will consider them inconsistent"
+            ),
+            None => {}
         }
     }
 }
@@ -1359,28 +1382,346 @@ mod tests {
         assert!(open_error(&crypt, true).contains("encryption"));
     }
 
+    fn node(path: &Path, read_only: bool) -> BlockNode {
+        BlockNode::new("n0".into(), open_qcow2(path, read_only))
+    }
+
+    /// `qemu-img info`'s bitmaps: (name, granularity, flags).
+    fn qemu_bitmaps(image: &Path) -> Vec<(String, u64, Vec<String>)> {
+        let info = run(
+            "qemu-img",
+            &["info", "--output=json", image.to_str().unwrap()],
+        );
+        let info: Value = serde_json::from_str(&info).unwrap();
+        let Some(list) = info["format-specific"]["data"]["bitmaps"].as_array() else {
+            return Vec::new();
+        };
+        list.iter()
+            .map(|b| {
+                let flags = b["flags"].as_array().unwrap();
+                (
+                    b["name"].as_str().unwrap().to_string(),
+                    b["granularity"].as_u64().unwrap(),
+                    flags
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// QEMU's view of a bitmap's bits: `nbdinfo --map` over qemu-nbd, as
+    /// (offset, length, dirty) runs. qemu-nbd is writable unless the bitmap
+    /// is disabled, so an enabled bitmap is rewritten by QEMU on exit.
+    fn qemu_bitmap_map(image: &Path, bitmap: &str, writable: bool) -> Vec<(u64, u64, bool)> {
+        let sock = image.with_extension(format!("{bitmap}.sock"));
+        let mut args = vec!["-f", "qcow2", "-k", sock.to_str().unwrap(), "-B", bitmap];
+        if !writable {
+            args.push("-r");
+        }
+        args.push(image.to_str().unwrap());
+        let mut server = Command::new("qemu-nbd").args(&args).spawn().unwrap();
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let map = run(
+            "nbdinfo",
+            &[&format!("--map=qemu:dirty-bitmap:{bitmap}"), "--json", &uri],
+        );
+        assert!(server.wait().unwrap().success());
+        let map: Vec<Value> = serde_json::from_str(&map).unwrap();
+        map.iter()
+            .map(|e| {
+                (
+                    e["offset"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["type"].as_u64().unwrap() & 1 == 1,
+                )
+            })
+            .collect()
+    }
+
+    /// Our runs of bitmap `name`, in `qemu_bitmap_map`'s form.
+    fn our_bitmap_map(node: &BlockNode, name: &str) -> Vec<(u64, u64, bool)> {
+        let size = node.driver().size();
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let (len, dirty) = node.bitmap_extent(name, offset, size - offset).unwrap();
+            match runs.last_mut() {
+                Some(last) if last.2 == dirty => last.1 += len,
+                _ => runs.push((offset, len, dirty)),
+            }
+            offset += len;
+        }
+        runs
+    }
+
+    fn bitmap_info(node: &BlockNode, name: &str) -> Value {
+        node.bitmaps_info()
+            .into_iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("no bitmap {name}"))
+    }
+
     #[test]
-    fn bitmaps_only_read_only_and_left_intact() {
+    fn loads_the_bitmaps_qemu_stored() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("bm.qcow2");
         create_qcow2(&img, None, &[]);
+        let name = img.to_str().unwrap();
+        run("qemu-img", &["bitmap", "--add", name, "b0"]);
+        run("qemu-img", &["bitmap", "--add", "-g", "4096", name, "b1"]);
+        // QEMU records these writes in both enabled bitmaps.
+        qemu_io(&img, &["write 65536 4096", "write -z 1040384 8192"]);
+        run("qemu-img", &["bitmap", "--disable", name, "b1"]);
         run(
             "qemu-img",
-            &["bitmap", "--add", img.to_str().unwrap(), "b0"],
+            &["bitmap", "--add", "-g", "512", "--disable", name, "b2"],
         );
         let header_before = std::fs::read(&img).unwrap()[..4096].to_vec();
-        let err = open_error(&img, false);
-        assert!(err.contains("persistent dirty bitmaps"), "{err}");
-        let drv = open_qcow2(&img, true);
-        assert_eq!(read(drv.as_ref(), 0, 16), [0; 16]);
-        drop(drv);
+        {
+            let n = node(&img, true);
+            let b0 = bitmap_info(&n, "b0");
+            assert_eq!(
+                (
+                    &b0["recording"],
+                    &b0["persistent"],
+                    &b0["granularity"],
+                    &b0["count"]
+                ),
+                (
+                    &Value::Bool(true),
+                    &Value::Bool(true),
+                    &Value::from(65536),
+                    &Value::from(131072)
+                )
+            );
+            let b1 = bitmap_info(&n, "b1");
+            assert_eq!(
+                (&b1["recording"], &b1["count"]),
+                (&Value::Bool(false), &Value::from(12288))
+            );
+            assert_eq!(bitmap_info(&n, "b2")["count"], 0);
+            assert_eq!(our_bitmap_map(&n, "b1"), qemu_bitmap_map(&img, "b1", false));
+        }
+        // A read-only open leaves the image alone.
         assert_eq!(std::fs::read(&img).unwrap()[..4096], header_before[..]);
-        let info = run(
-            "qemu-img",
-            &["info", "--output=json", img.to_str().unwrap()],
+        run("qemu-img", &["check", "-q", name]);
+    }
+
+    #[test]
+    fn stores_bitmaps_that_qemu_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("st.qcow2");
+        create_qcow2(&img, None, &[]);
+        let name = img.to_str().unwrap();
+        // An existing bitmap of QEMU's, kept and recorded into.
+        run("qemu-img", &["bitmap", "--add", name, "old"]);
+        let expected = {
+            let n = node(&img, false);
+            let size = n.driver().size();
+            let mut b0 = DirtyBitmap::new("b0", 65536, size);
+            b0.persistent = true;
+            n.add_bitmap(b0);
+            let mut b1 = DirtyBitmap::new("b1", 512, size);
+            b1.persistent = true;
+            n.add_bitmap(b1);
+            n.add_bitmap(DirtyBitmap::new("transient", 65536, size));
+            n.write_vectored(3 * 65536 + 10, &[IoSlice::new(&[7; 70000])])
+                .unwrap();
+            n.with_bitmap("b1", |b| {
+                b.recording = false;
+                Ok(())
+            })
+            .unwrap();
+            n.write_zeroes(size - 512, 512, ZeroFlags::default())
+                .unwrap();
+            (
+                our_bitmap_map(&n, "b0"),
+                our_bitmap_map(&n, "b1"),
+                our_bitmap_map(&n, "old"),
+            )
+        };
+        assert_eq!(
+            qemu_bitmaps(&img),
+            vec![
+                ("old".to_string(), 65536, vec!["auto".to_string()]),
+                ("b0".to_string(), 65536, vec!["auto".to_string()]),
+                ("b1".to_string(), 512, vec![]),
+            ]
         );
-        assert!(info.contains("\"b0\""), "{info}");
-        run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+        run("qemu-img", &["check", "-q", name]);
+        assert_eq!(qemu_bitmap_map(&img, "b1", false), expected.1);
+        assert_eq!(expected.1[1], (3 * 65536 + 10 - 10, 70144, true));
+        // Enabled bitmaps go through a writable qemu-nbd, which stores them again.
+        assert_eq!(qemu_bitmap_map(&img, "b0", true), expected.0);
+        assert_eq!(qemu_bitmap_map(&img, "old", true), expected.2);
+        run("qemu-img", &["check", "-q", name]);
+        // And blkd reads back what QEMU rewrote.
+        let n = node(&img, true);
+        assert_eq!(our_bitmap_map(&n, "b0"), expected.0);
+        assert_eq!(our_bitmap_map(&n, "b1"), expected.1);
+        assert!(n.bitmap("transient").is_none());
+    }
+
+    #[test]
+    fn removed_bitmaps_leave_the_image_and_free_their_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("rm.qcow2");
+        create_qcow2(&img, None, &[]);
+        let name = img.to_str().unwrap();
+        run("qemu-img", &["bitmap", "--add", name, "b0"]);
+        run("qemu-img", &["bitmap", "--add", name, "b1"]);
+        qemu_io(&img, &["write 0 1M"]);
+        {
+            let n = node(&img, false);
+            n.remove_bitmap("b0");
+        }
+        assert_eq!(
+            qemu_bitmaps(&img),
+            vec![("b1".to_string(), 65536, vec!["auto".to_string()])]
+        );
+        run("qemu-img", &["check", "-q", name]);
+        {
+            let n = node(&img, false);
+            n.remove_bitmap("b1");
+        }
+        assert!(qemu_bitmaps(&img).is_empty());
+        run("qemu-img", &["check", "-q", name]);
+        let header = std::fs::read(&img).unwrap();
+        assert_eq!(header[88..96], [0; 8], "autoclear bit cleared");
+    }
+
+    #[test]
+    fn many_bitmaps_grow_the_refcount_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        for (refcount_bits, count) in [("16", 200), ("4", 600), ("64", 150)] {
+            let img = dir.path().join(format!("many{refcount_bits}.qcow2"));
+            let opts = format!("cluster_size=512,refcount_bits={refcount_bits}");
+            create_qcow2(&img, None, &["-o", &opts]);
+            {
+                let n = node(&img, false);
+                let size = n.driver().size();
+                for i in 0..count {
+                    let mut bm = DirtyBitmap::new(&format!("bitmap{i}"), 512, size);
+                    bm.persistent = true;
+                    bm.mark(i * 512, 512);
+                    n.add_bitmap(bm);
+                }
+            }
+            run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+            let stored = qemu_bitmaps(&img);
+            assert_eq!(
+                stored.len(),
+                count as usize,
+                "refcount_bits {refcount_bits}"
+            );
+            let n = node(&img, true);
+            for i in [0, count / 2, count - 1] {
+                let bm = n.bitmap(&format!("bitmap{i}")).unwrap();
+                assert_eq!(bm.dirty_bytes(n.driver().size()), 512);
+                assert_eq!(bm.extent(i * 512, 512), (512, true));
+            }
+        }
+    }
+
+    /// Sets flag bits of the first bitmap directory entry.
+    fn set_first_bitmap_flags(img: &Path, flags: u8) {
+        let bytes = std::fs::read(img).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == 0x2385_2875u32.to_be_bytes())
+            .unwrap();
+        let dir_offset = u64::from_be_bytes(bytes[at + 24..at + 32].try_into().unwrap());
+        patch(
+            img,
+            dir_offset + 15,
+            &[bytes[dir_offset as usize + 15] | flags],
+        );
+    }
+
+    #[test]
+    fn inconsistent_bitmaps_are_refused_writable_and_skipped_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("inuse.qcow2");
+        create_qcow2(&img, None, &[]);
+        let name = img.to_str().unwrap();
+        run("qemu-img", &["bitmap", "--add", name, "b0"]);
+        run("qemu-img", &["bitmap", "--add", name, "b1"]);
+        set_first_bitmap_flags(&img, 1);
+        let err = open_error(&img, false);
+        assert!(err.contains("bitmap 'b0' is inconsistent"), "{err}");
+        let n = node(&img, true);
+        assert!(n.bitmap("b0").is_none());
+        assert!(n.bitmap("b1").is_some());
+        drop(n);
+
+        // Bitmaps a program without bitmap support left behind (autoclear clear).
+        let stale = dir.path().join("stale.qcow2");
+        create_qcow2(&stale, None, &[]);
+        run(
+            "qemu-img",
+            &["bitmap", "--add", stale.to_str().unwrap(), "b0"],
+        );
+        patch(&stale, 95, &[0]);
+        let err = open_error(&stale, false);
+        assert!(err.contains("qemu-img check -r all"), "{err}");
+        assert!(node(&stale, true).bitmap("b0").is_none());
+
+        // Damage in the bitmap structures is an error, not a panic.
+        let bad = dir.path().join("bad.qcow2");
+        create_qcow2(&bad, None, &[]);
+        run(
+            "qemu-img",
+            &["bitmap", "--add", bad.to_str().unwrap(), "b0"],
+        );
+        set_first_bitmap_flags(&bad, 0x80);
+        let err = open_error(&bad, true);
+        assert!(err.contains("reserved flags"), "{err}");
+
+        // A bitmap table that claims the L1 table: freeing it would overwrite it.
+        let overlap = dir.path().join("overlap.qcow2");
+        create_qcow2(&overlap, None, &[]);
+        run(
+            "qemu-img",
+            &["bitmap", "--add", overlap.to_str().unwrap(), "b0"],
+        );
+        let bytes = std::fs::read(&overlap).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == 0x2385_2875u32.to_be_bytes())
+            .unwrap();
+        let dir_offset = u64::from_be_bytes(bytes[at + 24..at + 32].try_into().unwrap());
+        patch(&overlap, dir_offset, &bytes[40..48]);
+        let err = open_error(&overlap, false);
+        assert!(err.contains("also holds other metadata"), "{err}");
+    }
+
+    #[test]
+    fn persistent_bitmaps_need_qcow2_v3_and_a_writable_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let v2 = dir.path().join("v2.qcow2");
+        create_qcow2(&v2, None, &["-o", "compat=0.10"]);
+        let drv = open_qcow2(&v2, false);
+        assert!(drv.stores_bitmaps());
+        assert_eq!(
+            drv.check_new_persistent_bitmap("b0", 65536).unwrap_err(),
+            "Cannot store dirty bitmaps in qcow2 v2 files"
+        );
+        let v3 = dir.path().join("v3.qcow2");
+        create_qcow2(&v3, None, &[]);
+        assert!(open_qcow2(&v3, true)
+            .check_new_persistent_bitmap("b0", 65536)
+            .is_err());
+        open_qcow2(&v3, false)
+            .check_new_persistent_bitmap("b0", 65536)
+            .unwrap();
     }
 
     #[test]

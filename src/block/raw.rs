@@ -103,6 +103,10 @@ impl BlockDriver for RawDriver {
         self.child.driver().allocated_size()
     }
 
+    fn fills_read_buffers(&self) -> bool {
+        self.child.driver().fills_read_buffers()
+    }
+
     fn cache_mode(&self) -> CacheMode {
         self.child.driver().cache_mode()
     }

@@ -56,9 +56,13 @@ impl nbd::ExportBackend for NodeDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.node
-            .driver()
-            .read_vectored(offset, &mut [IoSliceMut::new(buf)])
+        let driver = self.node.driver();
+        // The NBD server reuses its buffers across requests and clients:
+        // never send one client what an earlier request left there.
+        if !driver.fills_read_buffers() {
+            buf.fill(0);
+        }
+        driver.read_vectored(offset, &mut [IoSliceMut::new(buf)])
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
