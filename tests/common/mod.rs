@@ -83,6 +83,9 @@ impl Daemon {
             wait_for_path(&qmp, Duration::from_secs(10)),
             "{which:?} did not create its QMP socket"
         );
+        // The monitor answers only once every option has been applied, so a
+        // reply means every socket of the command line is listening.
+        Qmp::connect(&qmp).ok("query-version", json!({}));
         Daemon { which, dir, child }
     }
 
@@ -136,7 +139,18 @@ pub struct Qmp {
 impl Qmp {
     /// Connects and reads the greeting, without negotiating.
     pub fn connect_raw(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connect QMP");
+        // The socket file appears at bind(), a moment before listen().
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect QMP {}: {e}", path.display()),
+            }
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
