@@ -413,3 +413,60 @@ fn null_co_reads_never_show_earlier_request_data() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+#[test]
+fn tcp_ipv6_and_inherited_fd_listeners() {
+    if skip_without(&["nbdinfo"]) {
+        return;
+    }
+    // IPv6 loopback, when the machine has it.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let d = Daemon::start(Impl::Blkd, &["--blockdev", "null-co,node-name=n0,size=1048576"]);
+        let mut qmp = d.qmp();
+        let probe = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        qmp.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "::1", "port": port.to_string()}}}),
+        );
+        qmp.ok("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "n0"}));
+        let size = run_ok("nbdinfo", &["--size", &format!("nbd://[::1]:{port}/n0")]);
+        assert_eq!(size.trim(), "1048576");
+    }
+    // A listening socket handed over as fd 3, as a service manager would.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let mut cmd = Command::new(common::BLKD);
+    cmd.args([
+        "--blockdev",
+        "null-co,node-name=n0,size=2097152",
+        "--nbd-server",
+        "addr.type=fd,addr.str=3",
+        "--export",
+        "nbd,id=e0,node-name=n0",
+    ]);
+    // SAFETY: dup2 in the child between fork and exec only.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let uri = format!("nbd+unix:///n0?socket={}", sock.display());
+    let size = run_ok("timeout", &["10", "nbdinfo", "--size", &uri]);
+    assert_eq!(size.trim(), "2097152");
+    let _ = child.kill();
+    let _ = child.wait();
+}
