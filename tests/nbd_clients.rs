@@ -409,7 +409,19 @@ fn null_co_reads_never_show_earlier_request_data() {
     let uri = format!("nbd+unix:///n0?socket={}", d.path("nbd.sock").display());
     let out = run_ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0xaa 0 64k", "-c", "read -P 0 0 64k", "-c", "write -P 0xbb 0 4k", "-c", "read -P 0 4k 4k", &uri],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xaa 0 64k",
+            "-c",
+            "read -P 0 0 64k",
+            "-c",
+            "write -P 0xbb 0 4k",
+            "-c",
+            "read -P 0 4k 4k",
+            &uri,
+        ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
@@ -421,7 +433,10 @@ fn tcp_ipv6_and_inherited_fd_listeners() {
     }
     // IPv6 loopback, when the machine has it.
     if std::net::TcpListener::bind("[::1]:0").is_ok() {
-        let d = Daemon::start(Impl::Blkd, &["--blockdev", "null-co,node-name=n0,size=1048576"]);
+        let d = Daemon::start(
+            Impl::Blkd,
+            &["--blockdev", "null-co,node-name=n0,size=1048576"],
+        );
         let mut qmp = d.qmp();
         let probe = std::net::TcpListener::bind("[::1]:0").unwrap();
         let port = probe.local_addr().unwrap().port();
@@ -430,7 +445,10 @@ fn tcp_ipv6_and_inherited_fd_listeners() {
             "nbd-server-start",
             json!({"addr": {"type": "inet", "data": {"host": "::1", "port": port.to_string()}}}),
         );
-        qmp.ok("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "n0"}));
+        qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "n0"}),
+        );
         let size = run_ok("nbdinfo", &["--size", &format!("nbd://[::1]:{port}/n0")]);
         assert_eq!(size.trim(), "1048576");
     }
