@@ -248,3 +248,57 @@ fn read_only_export_refuses_writes() {
     assert_eq!(c.queue(0).read(0, 512).unwrap().status, S_OK);
     drop(d);
 }
+
+#[test]
+fn stale_socket_is_replaced_and_inherited_fd_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket file left behind by a dead process.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let inherited = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&inherited).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = std::process::Command::new(common::BLKD);
+    cmd.args([
+        "--chardev",
+        &format!("socket,id=m0,path={},server=on,wait=off", qmp.display()),
+        "--monitor",
+        "chardev=m0",
+        "--blockdev",
+        "null-co,node-name=n0,size=1048576,read-zeroes=on",
+        "--export",
+        &format!(
+            "vhost-user-blk,id=v0,node-name=n0,addr.type=unix,addr.path={}",
+            stale.display()
+        ),
+        "--export",
+        "vhost-user-blk,id=v1,node-name=n0,addr.type=fd,addr.str=3",
+    ]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    assert!(common::wait_for_path(&qmp, Duration::from_secs(10)));
+    common::Qmp::connect(&qmp).ok("query-version", json!({}));
+    for sock in [&stale, &inherited] {
+        let mut c = Client::connect(sock, &options(1)).unwrap();
+        let r = c.queue(0).read(0, 4096).unwrap();
+        assert_eq!(r.status, S_OK);
+        assert_eq!(c.config().unwrap().capacity, 2048);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
