@@ -302,3 +302,64 @@ fn stale_socket_is_replaced_and_inherited_fd_works() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `Cpus_allowed_list` of every thread of `pid` named `name`.
+fn affinities(pid: u32, name: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            if comm.trim() != name {
+                return None;
+            }
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn workers_follow_the_cpu_affinity_of_their_iothread() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vhost.sock");
+    let d = Daemon::start_in(
+        Impl::Blkd,
+        dir,
+        &[
+            "--object",
+            "iothread,id=pin0",
+            "--blockdev",
+            "null-co,node-name=n0,size=1048576",
+        ],
+    );
+    let mut qmp = d.qmp();
+    let threads = qmp.ok("query-iothreads", json!({}));
+    let tid = threads[0]["thread-id"].as_i64().unwrap() as i32;
+    // Pin the iothread to CPU 0, as libvirt would by its thread id.
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "v0", "node-name": "n0",
+               "addr": {"type": "unix", "path": sock}, "num-queues": 2, "iothread": "pin0"}),
+    );
+    let mut c = Client::connect(&sock, &options(2)).unwrap();
+    for q in 0..2 {
+        assert_eq!(c.queue(q).read(0, 512).unwrap().status, S_OK);
+    }
+    let pid = d.child.id();
+    let found = affinities(pid, "pin0");
+    // The iothread and its one worker, both on CPU 0 only.
+    assert_eq!(found, vec!["0".to_string(), "0".to_string()], "{found:?}");
+}
