@@ -363,3 +363,41 @@ fn workers_follow_the_cpu_affinity_of_their_iothread() {
     // The iothread and its one worker, both on CPU 0 only.
     assert_eq!(found, vec!["0".to_string(), "0".to_string()], "{found:?}");
 }
+
+#[test]
+fn two_front_ends_at_once_as_in_a_migration() {
+    // QSD serves one front-end at a time; a migration target connects
+    // while the source still runs.
+    let d = start(Impl::Blkd, ",num-queues=2");
+    let mut source = Client::connect(d.path("vhost.sock"), &options(2)).unwrap();
+    assert_eq!(source.queue(0).write(64, &[0x61; 4096]).unwrap(), S_OK);
+    let mut target = Client::connect(d.path("vhost.sock"), &options(2)).unwrap();
+    assert_eq!(
+        target.queue(1).read(64, 4096).unwrap().data,
+        vec![0x61; 4096]
+    );
+    // Both keep working, each on its own device.
+    assert_eq!(source.queue(1).write(72, &[0x62; 4096]).unwrap(), S_OK);
+    assert_eq!(
+        target.queue(0).read(72, 4096).unwrap().data,
+        vec![0x62; 4096]
+    );
+    let mut qmp = d.qmp();
+    qmp.ok(
+        "block_resize",
+        json!({"node-name": "disk0", "size": 8 << 20}),
+    );
+    for c in [&source, &target] {
+        c.recv_backend_request(Duration::from_secs(5)).unwrap();
+    }
+    drop(source);
+    assert_eq!(
+        target.queue(0).read(64, 4096).unwrap().data,
+        vec![0x61; 4096]
+    );
+    assert_eq!(target.config().unwrap().capacity, (8 << 20) / 512);
+    // Deleting the export ends every connection.
+    qmp.ok("block-export-del", json!({"id": "vub0"}));
+    target.queue(0).set_timeout(Duration::from_millis(500));
+    assert!(target.queue(0).read(64, 4096).is_err());
+}

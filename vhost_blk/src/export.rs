@@ -24,8 +24,9 @@ use crate::device::BlkBackend;
 use crate::proxy;
 use crate::{BlockDisk, Error};
 
-/// The connection being served, reachable from the export handle.
+/// A connection being served, reachable from the export handle.
 struct Connection {
+    id: u64,
     front: UnixStream,
     device: Arc<BlkBackend>,
 }
@@ -34,7 +35,11 @@ struct Shared {
     serial: String,
     stopping: AtomicBool,
     stop_event: EventFd,
-    connection: Mutex<Option<Connection>>,
+    /// Every front-end connected now. Unlike QSD, several may be: a
+    /// migration target connects while the source still runs.
+    connections: Mutex<Vec<Connection>>,
+    /// The threads serving them, joined on stop.
+    servers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A running vhost-user-blk export. Dropping it without [`BlkExport::stop`]
@@ -46,8 +51,9 @@ pub struct BlkExport {
 
 impl BlkExport {
     /// Serves front-ends on `listener` (from a path or an inherited
-    /// listening fd) one at a time; after a disconnect the next front-end
-    /// gets a fresh device.
+    /// listening fd). Each connection gets a fresh device with its own
+    /// queues and workers, so a reconnecting front-end starts clean and
+    /// several front-ends can be served at once.
     pub fn start(
         listener: Listener,
         disk: Arc<dyn BlockDisk>,
@@ -70,7 +76,8 @@ impl BlkExport {
             serial: config.serial.clone(),
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(io_err("create the stop event"))?,
-            connection: Mutex::new(None),
+            connections: Mutex::new(Vec::new()),
+            servers: Mutex::new(Vec::new()),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -83,24 +90,23 @@ impl BlkExport {
         })
     }
 
-    /// Whether a front-end is connected now.
-    pub fn is_connected(&self) -> bool {
-        self.shared
-            .connection
-            .lock()
-            .map(|c| c.is_some())
-            .unwrap_or(false)
+    /// How many front-ends are connected now.
+    pub fn connected(&self) -> usize {
+        self.shared.connections.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     /// The disk's size changed: the next GET_CONFIG reports the new capacity;
-    /// tell a connected front-end with CONFIG_CHANGE_MSG (needs BACKEND_REQ).
+    /// tell connected front-ends with CONFIG_CHANGE_MSG (needs BACKEND_REQ).
     pub fn resize(&self) {
-        let Ok(conn) = self.shared.connection.lock() else {
+        let Ok(conns) = self.shared.connections.lock() else {
             return;
         };
-        let Some(conn) = conn.as_ref() else {
-            return;
-        };
+        for conn in conns.iter() {
+            self.announce_resize(conn);
+        }
+    }
+
+    fn announce_resize(&self, conn: &Connection) {
         match conn.device.notify_config_change() {
             Ok(true) => info!("vhost-user-blk export '{}': sent config change", self.shared.serial),
             Ok(false) => warn!(
@@ -122,15 +128,30 @@ impl BlkExport {
     fn shutdown(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.shared.stop_event.write(1);
-        if let Ok(conn) = self.shared.connection.lock() {
-            if let Some(conn) = conn.as_ref() {
-                let _ = conn.front.shutdown(Shutdown::Both);
-            }
-        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 error!(
                     "vhost-user-blk export '{}': export thread panicked",
+                    self.shared.serial
+                );
+            }
+        }
+        // No new connection can start now: end the ones running.
+        if let Ok(conns) = self.shared.connections.lock() {
+            for conn in conns.iter() {
+                let _ = conn.front.shutdown(Shutdown::Both);
+            }
+        }
+        let servers = self
+            .shared
+            .servers
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        for server in servers {
+            if server.join().is_err() {
+                error!(
+                    "vhost-user-blk export '{}': connection thread panicked",
                     self.shared.serial
                 );
             }
@@ -200,29 +221,56 @@ fn wait_for_frontend(shared: &Shared, listener: &Listener) -> Option<UnixStream>
 }
 
 fn accept_loop(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     listener: &Listener,
     disk: &Arc<dyn BlockDisk>,
     config: &BlkConfig,
     groups: &[QueueGroup],
 ) {
+    let mut next_id = 0u64;
     while let Some(front) = wait_for_frontend(shared, listener) {
+        let id = next_id;
+        next_id += 1;
         info!(
-            "vhost-user-blk export '{}': front-end connected",
+            "vhost-user-blk export '{}': front-end {id} connected",
             shared.serial
         );
-        match serve_connection(shared, front, disk, config, groups) {
-            Ok(()) => info!(
-                "vhost-user-blk export '{}': front-end disconnected",
+        let (conn_shared, disk, config, groups) = (
+            Arc::clone(shared),
+            Arc::clone(disk),
+            config.clone(),
+            groups.to_vec(),
+        );
+        let spawned = thread::Builder::new()
+            .name(format!("vhost-blk-{}-c", shared.serial))
+            .spawn(move || {
+                let shared = conn_shared.as_ref();
+                match serve_connection(shared, id, front, &disk, &config, &groups) {
+                    Ok(()) => info!(
+                        "vhost-user-blk export '{}': front-end {id} disconnected",
+                        shared.serial
+                    ),
+                    Err(e) => warn!(
+                        "vhost-user-blk export '{}': front-end {id}: connection ended: {e}",
+                        shared.serial
+                    ),
+                }
+                if let Ok(mut conns) = shared.connections.lock() {
+                    conns.retain(|c| c.id != id);
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                if let Ok(mut servers) = shared.servers.lock() {
+                    // Forget the threads of connections that ended.
+                    servers.retain(|h| !h.is_finished());
+                    servers.push(handle);
+                }
+            }
+            Err(e) => error!(
+                "vhost-user-blk export '{}': cannot serve front-end {id}: {e}",
                 shared.serial
             ),
-            Err(e) => warn!(
-                "vhost-user-blk export '{}': connection ended: {e}",
-                shared.serial
-            ),
-        }
-        if let Ok(mut conn) = shared.connection.lock() {
-            *conn = None;
         }
     }
 }
@@ -253,6 +301,7 @@ fn connect_daemon(daemon: &mut VhostUserDaemon<Arc<BlkBackend>>) -> io::Result<U
 
 fn serve_connection(
     shared: &Shared,
+    id: u64,
     front: UnixStream,
     disk: &Arc<dyn BlockDisk>,
     config: &BlkConfig,
@@ -280,11 +329,12 @@ fn serve_connection(
     }
     let back = connect_daemon(&mut daemon)?;
     {
-        let mut conn = shared
-            .connection
+        let mut conns = shared
+            .connections
             .lock()
             .map_err(|_| io::Error::other("connection lock poisoned"))?;
-        *conn = Some(Connection {
+        conns.push(Connection {
+            id,
             front: front.try_clone()?,
             device: Arc::clone(&device),
         });
