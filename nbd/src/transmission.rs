@@ -1,12 +1,19 @@
-//! Transmission phase: a reader thread decodes requests and serves them itself when nothing
-//! else is pending, or hands them to a bounded pool of worker threads; replies are written
-//! whole (one vectored write each) under the connection's send lock, in completion order.
+//! Transmission phase. The reader thread decodes requests and serves the cheap ones (READ,
+//! WRITE, BLOCK_STATUS) itself, one after the other: on a page-cache-backed export these take
+//! microseconds, and a hand-off to another thread would cost more than the work. Their replies
+//! are gathered and written together once the reader has no buffered request left. Requests
+//! that may wait for the disk (FLUSH, FUA, TRIM, WRITE_ZEROES, CACHE) go to a bounded pool of
+//! worker threads, and so does everything while the backend is seen to be slow (an inline
+//! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
+//! again. Replies are written whole under the connection's send lock, in completion order.
 
 use std::io::{self, BufReader, ErrorKind, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -31,6 +38,24 @@ const MAX_KEPT_BUFFER: usize = 2 * 1024 * 1024;
 const MAX_READ_SEGMENTS: usize = 64;
 /// Read-ahead for request headers (and small WRITE payloads).
 const READ_BUFFER: usize = 64 * 1024;
+/// Replies up to this size are copied into the reader's batch; larger ones are written at
+/// once (with the batch in front), sparing the copy.
+const BATCH_COPY_MAX: usize = 16 * 1024;
+/// The batch is written when it grows past this, even with more requests buffered, so that
+/// the client gets replies while the reader works through a long queue.
+const BATCH_FLUSH: usize = 64 * 1024;
+/// A cheap request taking longer than this (plus 1 ns per [`SLOW_BYTES_PER_NS`] bytes moved)
+/// had to wait, not just work: the backend is slow, so the pool takes over.
+const SLOW_BASE: Duration = Duration::from_micros(100);
+/// 2 bytes per ns (2 GB/s) is slower than any page-cache copy.
+const SLOW_BYTES_PER_NS: u64 = 2;
+/// Largest READ or WRITE the reader serves itself.
+const INLINE_MAX: u64 = 256 * 1024;
+/// Consecutive quick requests the workers must see before the reader serves inline again.
+const FAST_STREAK: usize = 64;
+/// How far past a read a `base:allocation` query looks, so that one answer covers many
+/// reads of allocated data.
+const STATUS_LOOKAHEAD: u64 = 1 << 30;
 
 struct Request {
     header: RequestHeader,
@@ -38,6 +63,14 @@ struct Request {
 }
 
 type CommandError = (u32, String);
+
+/// Where the reply to one request goes.
+enum Sink<'a> {
+    /// Straight to the socket, under the send lock (worker threads).
+    Socket,
+    /// Into the reader's batch of replies, written by [`Session::flush_batch`].
+    Batch(&'a mut Vec<u8>),
+}
 
 struct Session {
     id: u64,
@@ -49,6 +82,13 @@ struct Session {
     broken: AtomicBool,
     buffers: Mutex<Vec<Vec<u8>>>,
     max_kept_buffers: usize,
+    /// A range recently reported as allocated data by `base:allocation`: reads inside it are
+    /// answered with one data chunk without asking again. Only this connection's TRIM and
+    /// WRITE_ZEROES clear it; if another client punches a hole meanwhile, the reply is still
+    /// right (the zeroes are read and sent as data), merely not sparse.
+    known_data: Mutex<Range<u64>>,
+    /// Cheap requests the workers served quickly in a row (see [`FAST_STREAK`]).
+    fast_streak: AtomicUsize,
 }
 
 struct InFlight {
@@ -57,10 +97,25 @@ struct InFlight {
 }
 
 impl InFlight {
+    fn start_one(&self) -> usize {
+        let mut count = lock(&self.count);
+        *count += 1;
+        *count
+    }
+
     fn finish_one(&self) {
         let mut count = lock(&self.count);
         *count = count.saturating_sub(1);
+        // Only the reader waits, and only for a free slot or for everything to finish.
         self.changed.notify_all();
+    }
+
+    fn idle(&self) -> bool {
+        *lock(&self.count) == 0
+    }
+
+    fn is_below(&self, limit: usize) -> bool {
+        *lock(&self.count) < limit
     }
 
     fn wait_below(&self, limit: usize) {
@@ -69,6 +124,25 @@ impl InFlight {
             count = self.changed.wait(count).unwrap_or_else(|p| p.into_inner());
         }
     }
+}
+
+/// Requests whose service is normally a short memory copy or a metadata lookup. The others
+/// may wait for the disk (or are rare) and always go to the pool; so do large transfers,
+/// which gain from copying on one thread while another sends.
+fn is_cheap(h: &RequestHeader) -> bool {
+    if h.length > INLINE_MAX {
+        return false;
+    }
+    match h.command {
+        proto::CMD_READ | proto::CMD_WRITE => h.flags & proto::CMD_FLAG_FUA == 0,
+        proto::CMD_BLOCK_STATUS => true,
+        _ => false,
+    }
+}
+
+/// Whether serving a request of `len` bytes in `elapsed` means that the backend had to wait.
+fn was_slow(elapsed: Duration, len: u64) -> bool {
+    elapsed > SLOW_BASE + Duration::from_nanos(len / SLOW_BYTES_PER_NS)
 }
 
 /// Serve requests on `stream` until the client disconnects, breaks the protocol, or the
@@ -99,6 +173,8 @@ pub(crate) fn run(
         broken: AtomicBool::new(false),
         buffers: Mutex::new(Vec::new()),
         max_kept_buffers: max_in_flight + 2,
+        known_data: Mutex::new(0..0),
+        fast_streak: AtomicUsize::new(0),
     });
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
@@ -108,8 +184,15 @@ pub(crate) fn run(
     let receiver = Arc::new(Mutex::new(receiver));
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
+    // Serve cheap requests on this thread (see the module comment).
+    let mut inline = true;
 
     loop {
+        // Reading may block: the client must have every reply it can get first.
+        if reader.buffer().is_empty() || !in_flight.is_below(max_in_flight) {
+            session.flush_batch(&mut batch);
+        }
         in_flight.wait_below(max_in_flight);
         let request = match session.read_request(&mut reader) {
             Ok(Some(r)) => r,
@@ -126,24 +209,32 @@ pub(crate) fn run(
                 break;
             }
         };
-        // Fast path: nothing running and nothing more queued, so serve it here without a
-        // thread hand-off; otherwise let the pool overlap it with the others.
-        let idle = *lock(&in_flight.count) == 0;
-        if idle && reader.buffer().is_empty() {
-            session.handle(request);
+        let cheap = is_cheap(&request.header);
+        if !inline && cheap && session.fast_streak.load(Ordering::Relaxed) >= FAST_STREAK {
+            debug!("NBD client {id}: backend is quick again, serving inline");
+            inline = true;
+        }
+        // Alone (nothing running, nothing more queued), a request gains nothing from a
+        // hand-off, whatever it is.
+        let alone = reader.buffer().is_empty() && in_flight.idle();
+        if alone || (inline && cheap) {
+            let len = request.header.length;
+            let busy = session.handle(request, Sink::Batch(&mut batch));
+            if cheap && was_slow(busy, len) {
+                if inline {
+                    debug!("NBD client {id}: backend is slow, serving from the pool");
+                }
+                inline = false;
+                session.fast_streak.store(0, Ordering::Relaxed);
+            }
         } else {
-            let busy = {
-                let mut count = lock(&in_flight.count);
-                *count += 1;
-                *count
-            };
-            if busy > workers.len() {
+            if in_flight.start_one() > workers.len() {
                 match spawn_worker(&session, &receiver, &in_flight, workers.len()) {
                     Ok(w) => workers.push(w),
                     Err(e) if workers.is_empty() => {
                         warn!("NBD client {id}: cannot start a worker thread: {e}");
                         in_flight.finish_one();
-                        session.handle(request);
+                        session.handle(request, Sink::Batch(&mut batch));
                         continue;
                     }
                     Err(e) => debug!("NBD client {id}: cannot start another worker: {e}"),
@@ -151,13 +242,14 @@ pub(crate) fn run(
             }
             if let Err(mpsc::SendError(request)) = sender.send(request) {
                 in_flight.finish_one();
-                session.handle(request);
+                session.handle(request, Sink::Batch(&mut batch));
             }
         }
         if session.broken.load(Ordering::SeqCst) {
             break;
         }
     }
+    session.flush_batch(&mut batch);
     drop(sender);
     for worker in workers {
         let _ = worker.join();
@@ -182,7 +274,16 @@ fn spawn_worker(
             let Ok(request) = next else {
                 return;
             };
-            session.handle(request);
+            let cheap = is_cheap(&request.header);
+            let len = request.header.length;
+            let busy = session.handle(request, Sink::Socket);
+            if cheap {
+                if was_slow(busy, len) {
+                    session.fast_streak.store(0, Ordering::Relaxed);
+                } else {
+                    session.fast_streak.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             in_flight.finish_one();
         })
 }
@@ -275,7 +376,7 @@ impl Session {
                 header.length,
                 proto::MAX_PAYLOAD
             );
-            self.send_error(&header, proto::EINVAL, &msg);
+            self.send_error(Sink::Socket, &header, proto::EINVAL, &msg);
             return Err(invalid(msg));
         }
         let mut payload = self.take_buffer(header.length as usize);
@@ -283,7 +384,8 @@ impl Session {
         Ok(Some(Request { header, payload }))
     }
 
-    fn handle(&self, request: Request) {
+    /// Serve one request and send its reply; returns the time spent in the backend.
+    fn handle(&self, request: Request, sink: Sink<'_>) -> Duration {
         let mut h = request.header;
         let mut contexts = None;
         if h.command == proto::CMD_BLOCK_STATUS && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
@@ -294,45 +396,58 @@ impl Session {
                     contexts = Some(subset);
                 }
                 Err(msg) => {
-                    self.send_error(&h, proto::EINVAL, &msg);
-                    return self.give_buffer(request.payload);
+                    self.send_error(sink, &h, proto::EINVAL, &msg);
+                    self.give_buffer(request.payload);
+                    return Duration::ZERO;
                 }
             }
         }
-        match self.validate(&h) {
+        let busy = match self.validate(&h) {
             Err((errno, msg)) => {
                 debug!(
                     "NBD client {}: {} request refused: {msg}",
                     self.id,
                     proto::command_name(h.command)
                 );
-                self.send_error(&h, errno, &msg);
+                self.send_error(sink, &h, errno, &msg);
+                Duration::ZERO
             }
             Ok(()) => match h.command {
-                proto::CMD_READ => self.read(&h),
+                proto::CMD_READ => self.read(sink, &h),
                 proto::CMD_BLOCK_STATUS => {
-                    self.block_status(&h, contexts.as_deref().unwrap_or(&self.contexts))
+                    self.block_status(sink, &h, contexts.as_deref().unwrap_or(&self.contexts))
                 }
-                _ => match self.execute(&h, &request.payload) {
-                    Ok(()) => self.send_done(&h),
-                    Err(e) => {
-                        let mut errno = proto::errno_of(&e);
-                        if errno == proto::ENOTSUP && h.flags & proto::CMD_FLAG_FAST_ZERO == 0 {
-                            // ENOTSUP is reserved for refused fast zeroing.
-                            errno = proto::EIO;
-                        }
-                        let msg = format!(
-                            "{} of export '{}' failed: {e}",
-                            proto::command_name(h.command),
-                            self.export.config.name
-                        );
-                        debug!("NBD client {}: {msg}", self.id);
-                        self.send_error(&h, errno, &msg);
-                    }
-                },
+                _ => {
+                    let start = Instant::now();
+                    let result = self.execute(&h, &request.payload);
+                    let busy = start.elapsed();
+                    self.reply_to_command(sink, &h, result);
+                    busy
+                }
             },
-        }
+        };
         self.give_buffer(request.payload);
+        busy
+    }
+
+    fn reply_to_command(&self, sink: Sink<'_>, h: &RequestHeader, result: io::Result<()>) {
+        match result {
+            Ok(()) => self.send_done(sink, h),
+            Err(e) => {
+                let mut errno = proto::errno_of(&e);
+                if errno == proto::ENOTSUP && h.flags & proto::CMD_FLAG_FAST_ZERO == 0 {
+                    // ENOTSUP is reserved for refused fast zeroing.
+                    errno = proto::EIO;
+                }
+                let msg = format!(
+                    "{} of export '{}' failed: {e}",
+                    proto::command_name(h.command),
+                    self.export.config.name
+                );
+                debug!("NBD client {}: {msg}", self.id);
+                self.send_error(sink, h, errno, &msg);
+            }
+        }
     }
 
     /// Decode a BLOCK_STATUS payload (extended headers): effect length, then the ids of the
@@ -435,7 +550,9 @@ impl Session {
             proto::CMD_WRITE => backend.write_at(payload, h.offset, fua),
             proto::CMD_FLUSH => backend.flush(),
             proto::CMD_TRIM => {
-                backend.trim(h.offset, h.length)?;
+                let trimmed = backend.trim(h.offset, h.length);
+                self.forget_data(h.offset, h.length);
+                trimmed?;
                 if fua {
                     backend.flush()?;
                 }
@@ -444,7 +561,9 @@ impl Session {
             proto::CMD_WRITE_ZEROES => {
                 let may_trim = h.flags & proto::CMD_FLAG_NO_HOLE == 0;
                 let fast_only = h.flags & proto::CMD_FLAG_FAST_ZERO != 0;
-                backend.write_zeroes(h.offset, h.length, may_trim, fast_only)?;
+                let zeroed = backend.write_zeroes(h.offset, h.length, may_trim, fast_only);
+                self.forget_data(h.offset, h.length);
+                zeroed?;
                 if fua {
                     backend.flush()?;
                 }
@@ -458,15 +577,44 @@ impl Session {
         }
     }
 
-    /// Write one reply (all its parts) without interleaving with other replies.
-    fn send(&self, parts: &[&[u8]]) {
+    /// Send one reply (all its parts), never interleaved with other replies.
+    fn send(&self, sink: Sink<'_>, parts: &[&[u8]]) {
+        match sink {
+            Sink::Socket => self.write_parts(&[], parts),
+            Sink::Batch(batch) => {
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                if len <= BATCH_COPY_MAX {
+                    for part in parts {
+                        batch.extend_from_slice(part);
+                    }
+                    if batch.len() >= BATCH_FLUSH {
+                        self.flush_batch(batch);
+                    }
+                } else {
+                    self.write_parts(batch, parts);
+                    batch.clear();
+                }
+            }
+        }
+    }
+
+    /// Write the replies gathered in `batch`.
+    fn flush_batch(&self, batch: &mut Vec<u8>) {
+        if !batch.is_empty() {
+            self.write_parts(batch, &[]);
+            batch.clear();
+        }
+    }
+
+    /// Write `head` then `parts`, whole, under the send lock.
+    fn write_parts(&self, head: &[u8], parts: &[&[u8]]) {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        let mut slices: Vec<IoSlice<'_>> = parts
-            .iter()
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(head)
+            .chain(parts.iter().copied())
             .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p))
+            .map(IoSlice::new)
             .collect();
         let mut slices: &mut [IoSlice<'_>] = &mut slices;
         let mut writer = lock(&self.writer);
@@ -512,18 +660,18 @@ impl Session {
     }
 
     /// Successful reply without data.
-    fn send_done(&self, h: &RequestHeader) {
+    fn send_done(&self, sink: Sink<'_>, h: &RequestHeader) {
         if self.extended() {
             let (b, n) = self.chunk(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, h, 0);
-            self.send(&[&b[..n]]);
+            self.send(sink, &[&b[..n]]);
         } else {
-            self.send(&[&proto::simple_reply(0, h.cookie)]);
+            self.send(sink, &[&proto::simple_reply(0, h.cookie)]);
         }
     }
 
-    fn send_error(&self, h: &RequestHeader, errno: u32, message: &str) {
+    fn send_error(&self, sink: Sink<'_>, h: &RequestHeader, errno: u32, message: &str) {
         if self.mode == Mode::Simple {
-            self.send(&[&proto::simple_reply(errno, h.cookie)]);
+            self.send(sink, &[&proto::simple_reply(errno, h.cookie)]);
         } else {
             let payload = proto::error_payload(errno, message);
             let (b, n) = self.chunk(
@@ -532,26 +680,32 @@ impl Session {
                 h,
                 payload.len() as u64,
             );
-            self.send(&[&b[..n], &payload]);
+            self.send(sink, &[&b[..n], &payload]);
         }
     }
 
-    fn read(&self, h: &RequestHeader) {
+    /// Serve a READ; returns the time spent in the backend.
+    fn read(&self, sink: Sink<'_>, h: &RequestHeader) -> Duration {
+        let start = Instant::now();
         let backend = &self.export.backend;
         if h.flags & proto::CMD_FLAG_FUA != 0 {
             // QEMU flushes before a FUA read; keep its behaviour.
             if let Err(e) = backend.flush() {
-                return self.send_error(
+                let busy = start.elapsed();
+                self.send_error(
+                    sink,
                     h,
                     proto::errno_of(&e),
                     &format!("flush before read failed: {e}"),
                 );
+                return busy;
             }
         }
         let len = h.length as usize;
         if self.mode != Mode::Simple && len == 0 {
             let (b, n) = self.chunk(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, h, 0);
-            return self.send(&[&b[..n]]);
+            self.send(sink, &[&b[..n]]);
+            return start.elapsed();
         }
         let mut buf = self.take_buffer(len);
         let segments = if self.mode == Mode::Simple || h.flags & proto::CMD_FLAG_DF != 0 {
@@ -568,6 +722,7 @@ impl Session {
                 )
             }),
         };
+        let busy = start.elapsed();
         match (result, segments) {
             (Err(e), _) => {
                 let msg = format!(
@@ -575,10 +730,10 @@ impl Session {
                     self.export.config.name
                 );
                 debug!("NBD client {}: {msg}", self.id);
-                self.send_error(h, proto::errno_of(&e), &msg);
+                self.send_error(sink, h, proto::errno_of(&e), &msg);
             }
             (Ok(()), None) if self.mode == Mode::Simple => {
-                self.send(&[&proto::simple_reply(0, h.cookie), &buf]);
+                self.send(sink, &[&proto::simple_reply(0, h.cookie), &buf]);
             }
             (Ok(()), None) => {
                 let (b, n) = self.chunk(
@@ -587,14 +742,15 @@ impl Session {
                     h,
                     8 + len as u64,
                 );
-                self.send(&[&b[..n], &h.offset.to_be_bytes(), &buf]);
+                self.send(sink, &[&b[..n], &h.offset.to_be_bytes(), &buf]);
             }
-            (Ok(()), Some(segments)) => self.send_sparse(h, &segments, &buf),
+            (Ok(()), Some(segments)) => self.send_sparse(sink, h, &segments, &buf),
         }
         self.give_buffer(buf);
+        busy
     }
 
-    fn send_sparse(&self, h: &RequestHeader, segments: &[Segment], buf: &[u8]) {
+    fn send_sparse(&self, sink: Sink<'_>, h: &RequestHeader, segments: &[Segment], buf: &[u8]) {
         let mut heads: Vec<Vec<u8>> = Vec::with_capacity(segments.len());
         for (i, s) in segments.iter().enumerate() {
             let flags = if i + 1 == segments.len() {
@@ -623,14 +779,28 @@ impl Session {
                 parts.push(&buf[s.start..s.start + s.len]);
             }
         }
-        self.send(&parts);
+        self.send(sink, &parts);
     }
 
     /// Split a read into zero and data segments from `base:allocation`, or `None` when the
     /// whole range is data (or the status is unknown, or too fragmented to be worth it).
     fn zero_segments(&self, offset: u64, len: u64) -> Option<Vec<Segment>> {
+        let end = offset + len;
+        let known = lock(&self.known_data).clone();
+        if known.start <= offset && end <= known.end {
+            return None;
+        }
+        // Look past the read: allocated data usually comes in long runs.
+        let ahead = len.max(STATUS_LOOKAHEAD).min(self.size - offset);
+        let first = self.export.backend.block_status(0, offset, ahead).ok()?;
+        if let Some(e) = first.first() {
+            if e.flags & proto::STATE_ZERO == 0 && e.length >= len {
+                self.learn_data(offset, offset + e.length.min(ahead));
+                return None;
+            }
+        }
         let extents = self
-            .collect_extents(0, offset, len, MAX_READ_SEGMENTS + 1)
+            .collect_extents(0, offset, len, MAX_READ_SEGMENTS + 1, Some(first))
             .ok()?;
         let mut segments: Vec<Segment> = Vec::new();
         let mut start = 0usize;
@@ -648,20 +818,43 @@ impl Session {
         (covered && useful && segments.len() <= MAX_READ_SEGMENTS).then_some(segments)
     }
 
+    /// Remember that `[start, end)` is allocated data (see `Session::known_data`).
+    fn learn_data(&self, start: u64, end: u64) {
+        let mut known = lock(&self.known_data);
+        if !known.is_empty() && start <= known.end && known.start <= end {
+            *known = known.start.min(start)..known.end.max(end);
+        } else {
+            *known = start..end;
+        }
+    }
+
+    /// Forget what is known about `[offset, offset + len)`, which may now be a hole.
+    fn forget_data(&self, offset: u64, len: u64) {
+        let mut known = lock(&self.known_data);
+        if offset < known.end && known.start < offset.saturating_add(len) {
+            *known = 0..0;
+        }
+    }
+
     /// Extents of context `index` over `[offset, offset + len)`: merged, clipped to the range,
     /// at most `limit` of them (the last one may then cover less than the rest of the range).
+    /// `first`: the backend's answer for `offset`, when already asked.
     fn collect_extents(
         &self,
         index: usize,
         offset: u64,
         len: u64,
         limit: usize,
+        mut first: Option<Vec<Extent>>,
     ) -> io::Result<Vec<Extent>> {
         let end = offset + len;
         let mut pos = offset;
         let mut out: Vec<Extent> = Vec::new();
         'outer: while pos < end {
-            let got = self.export.backend.block_status(index, pos, end - pos)?;
+            let got = match first.take() {
+                Some(got) => got,
+                None => self.export.backend.block_status(index, pos, end - pos)?,
+            };
             let before = pos;
             for e in got {
                 let length = e.length.min(end - pos);
@@ -694,7 +887,9 @@ impl Session {
         Ok(out)
     }
 
-    fn block_status(&self, h: &RequestHeader, contexts: &[usize]) {
+    /// Serve a BLOCK_STATUS; returns the time spent in the backend.
+    fn block_status(&self, sink: Sink<'_>, h: &RequestHeader, contexts: &[usize]) -> Duration {
+        let start = Instant::now();
         let limit = if h.flags & proto::CMD_FLAG_REQ_ONE != 0 {
             1
         } else {
@@ -707,7 +902,7 @@ impl Session {
         };
         let mut chunks = Vec::with_capacity(contexts.len());
         for (i, &index) in contexts.iter().enumerate() {
-            let extents = match self.collect_extents(index, h.offset, h.length, limit) {
+            let extents = match self.collect_extents(index, h.offset, h.length, limit, None) {
                 Ok(e) => e,
                 Err(e) => {
                     let msg = format!(
@@ -715,7 +910,9 @@ impl Session {
                         self.export.config.name
                     );
                     debug!("NBD client {}: {msg}", self.id);
-                    return self.send_error(h, proto::errno_of(&e), &msg);
+                    let busy = start.elapsed();
+                    self.send_error(sink, h, proto::errno_of(&e), &msg);
+                    return busy;
                 }
             };
             let payload = proto::block_status_payload(self.extended(), index as u32, &extents);
@@ -729,8 +926,10 @@ impl Session {
             chunk.extend_from_slice(&payload);
             chunks.push(chunk);
         }
+        let busy = start.elapsed();
         let parts: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-        self.send(&parts);
+        self.send(sink, &parts);
+        busy
     }
 }
 
