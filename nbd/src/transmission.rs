@@ -9,7 +9,7 @@
 
 use std::io::{self, BufReader, ErrorKind, IoSlice, Read, Write};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -49,10 +49,14 @@ const BATCH_FLUSH: usize = 64 * 1024;
 const SLOW_BASE: Duration = Duration::from_micros(100);
 /// 2 bytes per ns (2 GB/s) is slower than any page-cache copy.
 const SLOW_BYTES_PER_NS: u64 = 2;
+/// A request this slow is no accident of scheduling: the pool takes over at once.
+const VERY_SLOW: Duration = Duration::from_millis(10);
 /// Largest READ or WRITE the reader serves itself.
 const INLINE_MAX: u64 = 256 * 1024;
-/// Consecutive quick requests the workers must see before the reader serves inline again.
-const FAST_STREAK: usize = 64;
+/// The reader hands cheap requests to the pool once this many of the last 64 were slow...
+const SLOW_TO_POOL: u32 = 4;
+/// ... and serves them again once at most this many of the last 64 were.
+const SLOW_TO_INLINE: u32 = 1;
 /// How far past a read a `base:allocation` query looks, so that one answer covers many
 /// reads of allocated data.
 const STATUS_LOOKAHEAD: u64 = 1 << 30;
@@ -87,8 +91,9 @@ struct Session {
     /// WRITE_ZEROES clear it; if another client punches a hole meanwhile, the reply is still
     /// right (the zeroes are read and sent as data), merely not sparse.
     known_data: Mutex<Range<u64>>,
-    /// Cheap requests the workers served quickly in a row (see [`FAST_STREAK`]).
-    fast_streak: AtomicUsize,
+    /// Which of the last 64 cheap requests were slow (bit 0: the latest). A lone slow one
+    /// is usually the host's noise (a preempted thread); several mean a waiting backend.
+    slow_history: AtomicU64,
 }
 
 struct InFlight {
@@ -174,7 +179,7 @@ pub(crate) fn run(
         buffers: Mutex::new(Vec::new()),
         max_kept_buffers: max_in_flight + 2,
         known_data: Mutex::new(0..0),
-        fast_streak: AtomicUsize::new(0),
+        slow_history: AtomicU64::new(0),
     });
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
@@ -210,9 +215,17 @@ pub(crate) fn run(
             }
         };
         let cheap = is_cheap(&request.header);
-        if !inline && cheap && session.fast_streak.load(Ordering::Relaxed) >= FAST_STREAK {
-            debug!("NBD client {id}: backend is quick again, serving inline");
-            inline = true;
+        if cheap {
+            let slow = session.slow_history.load(Ordering::Relaxed).count_ones();
+            if inline && slow >= SLOW_TO_POOL {
+                debug!("NBD client {id}: backend is slow, serving from the pool");
+                inline = false;
+                // Come back only after a run of quick requests.
+                session.slow_history.store(u64::MAX, Ordering::Relaxed);
+            } else if !inline && slow <= SLOW_TO_INLINE {
+                debug!("NBD client {id}: backend is quick again, serving inline");
+                inline = true;
+            }
         }
         // Alone (nothing running, nothing more queued), a request gains nothing from a
         // hand-off, whatever it is.
@@ -220,12 +233,8 @@ pub(crate) fn run(
         if alone || (inline && cheap) {
             let len = request.header.length;
             let busy = session.handle(request, Sink::Batch(&mut batch));
-            if cheap && was_slow(busy, len) {
-                if inline {
-                    debug!("NBD client {id}: backend is slow, serving from the pool");
-                }
-                inline = false;
-                session.fast_streak.store(0, Ordering::Relaxed);
+            if cheap {
+                session.note_service(busy, len);
             }
         } else {
             if in_flight.start_one() > workers.len() {
@@ -278,11 +287,7 @@ fn spawn_worker(
             let len = request.header.length;
             let busy = session.handle(request, Sink::Socket);
             if cheap {
-                if was_slow(busy, len) {
-                    session.fast_streak.store(0, Ordering::Relaxed);
-                } else {
-                    session.fast_streak.fetch_add(1, Ordering::Relaxed);
-                }
+                session.note_service(busy, len);
             }
             in_flight.finish_one();
         })
@@ -312,6 +317,20 @@ fn invalid(msg: String) -> io::Error {
 }
 
 impl Session {
+    /// Record how long a cheap request kept the backend busy (see `slow_history`).
+    fn note_service(&self, busy: Duration, len: u64) {
+        if busy >= VERY_SLOW {
+            self.slow_history.store(u64::MAX, Ordering::Relaxed);
+            return;
+        }
+        let slow = u64::from(was_slow(busy, len));
+        let _ = self
+            .slow_history
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h << 1 | slow)
+            });
+    }
+
     fn extended(&self) -> bool {
         self.mode == Mode::Extended
     }
@@ -937,4 +956,114 @@ struct Segment {
     start: usize,
     len: usize,
     zero: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::was_slow;
+    use crate::client::Client;
+    use crate::proto;
+    use crate::test_utils::MemBackend;
+    use crate::{ExportConfig, Server, ServerConfig};
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn connect(backend: Arc<MemBackend>, max_in_flight: usize) -> Client {
+        let server = Server::new(ServerConfig {
+            max_in_flight,
+            ..ServerConfig::default()
+        });
+        let config = ExportConfig {
+            name: "e".into(),
+            ..ExportConfig::default()
+        };
+        server.add_export(config, backend).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        server.serve_client(Box::new(theirs), Box::new(|| {}));
+        Client::connect(Box::new(ours), "e", false, &[]).unwrap()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn slowness_allows_for_the_bytes_moved() {
+        assert!(!was_slow(Duration::from_micros(20), 4096));
+        assert!(was_slow(Duration::from_micros(150), 4096));
+        // 1 MiB may take 100 us + 524 us.
+        assert!(!was_slow(Duration::from_micros(600), MIB));
+        assert!(was_slow(Duration::from_micros(700), MIB));
+    }
+
+    #[test]
+    fn pipelined_requests_all_get_their_replies() {
+        let backend = Arc::new(MemBackend::new(4 * MIB));
+        let mut c = connect(Arc::clone(&backend), 32);
+        let data = pattern(4 * MIB as usize, 5);
+        c.write(0, &data, 0).unwrap();
+        // Far more replies than one batch holds, sent before any reply is read.
+        let cookies: Vec<u64> = (0..300u64)
+            .map(|i| {
+                c.send_request(0, proto::CMD_READ, i * 8192, 8192, &[])
+                    .unwrap()
+            })
+            .collect();
+        for _ in 0..cookies.len() {
+            let r = c.receive_reply().unwrap();
+            assert_eq!(r.error, None);
+            let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+            let at = i * 8192;
+            assert_eq!(r.data, &data[at..at + 8192], "reply to read {i}");
+        }
+    }
+
+    #[test]
+    fn data_learned_from_status_is_forgotten_on_trim() {
+        let backend = Arc::new(MemBackend::new(4 * MIB));
+        let mut c = connect(backend, 32);
+        c.write(0, &pattern(65536, 1), 0).unwrap();
+        // Learns that the first 64 KiB are data...
+        let r = c.read_reply(0, 4096, 0).unwrap();
+        assert_eq!(r.chunk_types, vec![proto::REPLY_TYPE_OFFSET_DATA]);
+        // ... which a hole in the middle undoes.
+        c.trim(8192, 8192, 0).unwrap();
+        let r = c.read_reply(0, 32768, 0).unwrap();
+        assert_eq!(
+            r.chunk_types,
+            vec![
+                proto::REPLY_TYPE_OFFSET_DATA,
+                proto::REPLY_TYPE_OFFSET_HOLE,
+                proto::REPLY_TYPE_OFFSET_DATA
+            ]
+        );
+        let mut expect = pattern(65536, 1)[..32768].to_vec();
+        expect[8192..16384].fill(0);
+        assert_eq!(r.data, expect);
+    }
+
+    #[test]
+    fn slow_backend_moves_reads_to_the_pool() {
+        let delay = Duration::from_millis(50);
+        let backend = Arc::new(MemBackend::new(MIB).with_read_delay(delay));
+        let mut c = connect(backend, 32);
+        let start = Instant::now();
+        for i in 0..10 {
+            c.send_request(proto::CMD_FLAG_DF, proto::CMD_READ, i * 4096, 4096, &[])
+                .unwrap();
+        }
+        for _ in 0..10 {
+            assert_eq!(c.receive_reply().unwrap().error, None);
+        }
+        // Served one after the other, 10 reads would take 500 ms; once the first has shown
+        // the backend slow, the others overlap.
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(400), "{took:?}");
+    }
 }
