@@ -466,21 +466,7 @@ fn tcp_ipv6_and_inherited_fd_listeners() {
         "--export",
         "nbd,id=e0,node-name=n0",
     ]);
-    // SAFETY: dup2 in the child between fork and exec only.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            // dup2 onto itself keeps close-on-exec: clear it then.
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::pass_fd_as_3(&mut cmd, fd);
     let mut child = cmd.spawn().unwrap();
     let uri = format!("nbd+unix:///n0?socket={}", sock.display());
     let size = run_ok("timeout", &["10", "nbdinfo", "--size", &uri]);

@@ -276,20 +276,7 @@ fn stale_socket_is_replaced_and_inherited_fd_works() {
         "--export",
         "vhost-user-blk,id=v1,node-name=n0,addr.type=fd,addr.str=3",
     ]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::pass_fd_as_3(&mut cmd, fd);
     let mut child = cmd.spawn().unwrap();
     assert!(common::wait_for_path(&qmp, Duration::from_secs(10)));
     common::Qmp::connect(&qmp).ok("query-version", json!({}));

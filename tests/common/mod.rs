@@ -279,3 +279,23 @@ pub fn make_image(path: &Path, size: usize, seed: u8) {
     let data: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 ^ seed).collect();
     std::fs::write(path, data).expect("write image");
 }
+
+/// Makes `fd` the child's descriptor 3, as a service manager hands over a
+/// listening socket.
+pub fn pass_fd_as_3(cmd: &mut Command, fd: i32) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
