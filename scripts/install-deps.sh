@@ -35,3 +35,9 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends \
         $(printf '%s\n' "${need[@]}" | sort -u) qemu-utils qemu-block-extra >/dev/null
 fi
+
+# The PyPI QMP client (qemu.qmp) used by the QMP client tests and qmp-shell.
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check qemu.qmp 2>/dev/null \
+        || python3 -m pip install -q --user --disable-pip-version-check qemu.qmp
+fi
