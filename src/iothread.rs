@@ -93,6 +93,21 @@ impl Drop for IoThread {
     }
 }
 
+/// A hook that gives the thread running it the CPU affinity that thread
+/// `tid` (an iothread) has at that moment.
+pub fn affinity_follower(tid: i32) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        // SAFETY: cpu_set_t is plain data; both calls get its exact size.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(tid, size, &mut set) == 0 {
+                libc::sched_setaffinity(0, size, &set);
+            }
+        }
+    })
+}
+
 /// Linux keeps 15 bytes of a thread name; keep the iothread id's start.
 pub fn thread_name(id: &str) -> String {
     id.chars().take(15).collect()

@@ -474,3 +474,68 @@ fn tcp_ipv6_and_inherited_fd_listeners() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn connections_of_an_iothread_export_follow_its_cpu_affinity() {
+    let d = Daemon::start(
+        Impl::Blkd,
+        &[
+            "--object",
+            "iothread,id=nbdio",
+            "--blockdev",
+            "null-co,node-name=n0,size=1048576",
+        ],
+    );
+    let mut qmp = d.qmp();
+    let tid = qmp.ok("query-iothreads", json!({}))[0]["thread-id"]
+        .as_i64()
+        .unwrap() as i32;
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let sock = d.path("nbd.sock");
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "n0", "iothread": "nbdio"}),
+    );
+    let mut client = std::process::Command::new(PY)
+        .args(["-c", "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pread(512, 0)\nprint('up',flush=True)\ntime.sleep(30)",
+               &format!("nbd+unix:///n0?socket={}", sock.display())])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    let pid = d.child.id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = entry.unwrap().path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.starts_with("nbd-client-") {
+            let status = std::fs::read_to_string(path.join("status")).unwrap();
+            let cpus = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .unwrap();
+            found.push(cpus.split_whitespace().nth(1).unwrap().to_string());
+        }
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(found, vec!["0".to_string()]);
+}

@@ -118,8 +118,12 @@ pub trait ExportBackend: Send + Sync {
     }
 }
 
+/// Run by every thread that starts serving an export: the connection's reader once the
+/// client has chosen the export, and each of its pool workers.
+pub type ServeHook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// How one export is presented to clients.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ExportConfig {
     /// Export name clients ask for ("" is the default export).
     pub name: String,
@@ -132,6 +136,21 @@ pub struct ExportConfig {
     /// Metadata contexts besides `base:allocation`, in the order their ids are assigned
     /// (QEMU: `qemu:allocation-depth` first, then `qemu:dirty-bitmap:NAME`s).
     pub meta_contexts: Vec<String>,
+    /// Places the threads that serve this export, e.g. on an iothread's CPUs.
+    pub on_serve: Option<ServeHook>,
+}
+
+impl std::fmt::Debug for ExportConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportConfig")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("read_only", &self.read_only)
+            .field("multi_conn", &self.multi_conn)
+            .field("meta_contexts", &self.meta_contexts)
+            .field("on_serve", &self.on_serve.is_some())
+            .finish()
+    }
 }
 
 /// Errors of the server's management API and of the client.

@@ -160,6 +160,9 @@ pub(crate) fn run(
     contexts: Vec<usize>,
     max_in_flight: usize,
 ) {
+    if let Some(on_serve) = &export.config.on_serve {
+        on_serve();
+    }
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -278,18 +281,23 @@ fn spawn_worker(
     let in_flight = Arc::clone(in_flight);
     std::thread::Builder::new()
         .name(format!("nbd-{}-w{n}", session.id))
-        .spawn(move || loop {
-            let next = lock(&receiver).recv();
-            let Ok(request) = next else {
-                return;
-            };
-            let cheap = is_cheap(&request.header);
-            let len = request.header.length;
-            let busy = session.handle(request, Sink::Socket);
-            if cheap {
-                session.note_service(busy, len);
+        .spawn(move || {
+            if let Some(on_serve) = &session.export.config.on_serve {
+                on_serve();
             }
-            in_flight.finish_one();
+            loop {
+                let next = lock(&receiver).recv();
+                let Ok(request) = next else {
+                    return;
+                };
+                let cheap = is_cheap(&request.header);
+                let len = request.header.length;
+                let busy = session.handle(request, Sink::Socket);
+                if cheap {
+                    session.note_service(busy, len);
+                }
+                in_flight.finish_one();
+            }
         })
 }
 

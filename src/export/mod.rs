@@ -193,6 +193,12 @@ impl Daemon {
             read_only: !writable,
             multi_conn: nbd.multi_conn(),
             meta_contexts: contexts.iter().map(MetaContext::nbd_name).collect(),
+            // Connections serving an export that names an iothread run on
+            // that iothread's CPUs, as its vhost-user-blk workers do.
+            on_serve: iothreads
+                .first()
+                .and_then(|t| self.iothreads.get(t))
+                .map(|t| crate::iothread::affinity_follower(t.thread_id())),
         };
         let disk = NodeDisk::new(Arc::clone(node), bool_arg(args, "writethrough"), contexts);
         nbd.server

@@ -73,20 +73,6 @@ fn listen(addr: &Map<String, Value>) -> Result<(UnixListener, Option<PathBuf>), 
     }
 }
 
-/// A hook that gives the current thread the CPU affinity of thread `tid`.
-fn follow_affinity(tid: i32) -> vhost_blk::WorkerStartHook {
-    Arc::new(move || {
-        // SAFETY: cpu_set_t is plain data; both calls get its exact size.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::cpu_set_t>();
-            if libc::sched_getaffinity(tid, size, &mut set) == 0 {
-                libc::sched_setaffinity(0, size, &set);
-            }
-        }
-    })
-}
-
 impl Daemon {
     /// Works out which worker serves which queues.
     fn queue_groups(
@@ -100,7 +86,7 @@ impl Daemon {
             queues,
             on_worker_start: iothread
                 .and_then(|t| self.iothreads.get(t))
-                .map(|t| follow_affinity(t.thread_id())),
+                .map(|t| crate::iothread::affinity_follower(t.thread_id())),
         };
         let mapping = args.get("iothread-vq-mapping").and_then(Value::as_array);
         let iothread = args.get("iothread").and_then(Value::as_str);

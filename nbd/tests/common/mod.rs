@@ -45,6 +45,7 @@ impl Fixture {
             read_only,
             multi_conn: true,
             meta_contexts: contexts.iter().map(|c| c.to_string()).collect(),
+            on_serve: None,
         };
         self.server.add_export(config, backend).expect("add_export");
     }
