@@ -11,6 +11,7 @@ use std::ffi::CString;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
@@ -66,6 +67,10 @@ pub struct FileDriver {
     no_flush: bool,
     locking: bool,
     direct: Option<DirectIo>,
+    /// A regular file's length, kept up to date by our own writes instead of
+    /// an fstat per request (the image is locked against other writers, and
+    /// QEMU caches it the same way).
+    file_len: AtomicU64,
 }
 
 /// Opens a `file` or `host_device` node (picked by the `driver` member)
@@ -143,7 +148,7 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
     } else {
         None
     };
-    Ok(Box::new(FileDriver {
+    let driver = FileDriver {
         fd,
         filename: filename.to_string(),
         kind,
@@ -153,7 +158,10 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
         no_flush: ctx.cache_no_flush,
         locking,
         direct,
-    }))
+        file_len: AtomicU64::new(0),
+    };
+    driver.refresh_file_len();
+    Ok(Box::new(driver))
 }
 
 /// Opens the image, falling back to read-only with `auto-read-only` as QEMU
@@ -466,10 +474,40 @@ impl FileDriver {
         self.fd.as_raw_fd()
     }
 
+    /// Re-reads a regular file's length after an operation that may have
+    /// changed it in ways a write offset does not tell.
+    fn refresh_file_len(&self) {
+        if self.kind == FileKind::Regular {
+            match fstat(self.raw_fd()) {
+                Ok(st) => self.file_len.store(st.st_size as u64, Ordering::Release),
+                Err(e) => log::warn!("{}: cannot get the size: {}", self.filename, errno_text(&e)),
+            }
+        }
+    }
+
+    /// Keeps the length current after a write: a complete write reached its
+    /// end; a failed one may have extended the file partway.
+    fn after_write(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        result: io::Result<()>,
+    ) -> io::Result<()> {
+        match &result {
+            Ok(()) => {
+                let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+                self.file_len
+                    .fetch_max(offset.saturating_add(len), Ordering::AcqRel);
+            }
+            Err(_) => self.refresh_file_len(),
+        }
+        result
+    }
+
     /// The exact length of the file or device in bytes.
     fn byte_length(&self) -> io::Result<u64> {
         match self.kind {
-            FileKind::Regular => Ok(fstat(self.raw_fd())?.st_size as u64),
+            FileKind::Regular => Ok(self.file_len.load(Ordering::Acquire)),
             FileKind::BlockDevice => {
                 let mut size: u64 = 0;
                 // SAFETY: BLKGETSIZE64 writes one u64.
@@ -561,7 +599,10 @@ impl FileDriver {
             iov_base: data.as_mut_ptr().cast(),
             iov_len: data.len(),
         }];
-        transfer(self.raw_fd(), Direction::Write, iov, start, false).map(drop)
+        let result = transfer(self.raw_fd(), Direction::Write, iov, start, false).map(drop);
+        // The aligned write may have extended the file past the data's end.
+        self.refresh_file_len();
+        result
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -698,9 +739,11 @@ impl BlockDriver for FileDriver {
                 return self.write_bounced(direct, offset, bufs);
             }
             let _shared = read_guard(&direct.rmw);
-            return transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop);
+            let result = transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop);
+            return self.after_write(offset, bufs, result);
         }
-        transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop)
+        let result = transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop);
+        self.after_write(offset, bufs, result)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -772,7 +815,7 @@ impl BlockDriver for FileDriver {
                 fast = self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len);
             }
         }
-        match fast {
+        let result = match fast {
             Ok(()) => Ok(()),
             Err(e)
                 if matches!(
@@ -786,7 +829,10 @@ impl BlockDriver for FileDriver {
                 self.write_zero_buffers(offset, len)
             }
             Err(e) => Err(e),
-        }
+        };
+        // Zeroing past the end extends the file.
+        self.refresh_file_len();
+        result
     }
 
     /// Data and holes from SEEK_DATA/SEEK_HOLE; a file system without them,
@@ -861,6 +907,7 @@ impl BlockDriver for FileDriver {
         if self.locking {
             let _ = lock_byte(fd, resize_byte, libc::F_UNLCK, libc::F_OFD_SETLK);
         }
+        self.refresh_file_len();
         result
     }
 }
@@ -1205,6 +1252,22 @@ mod tests {
             Some(libc::ENOTSUP)
         );
         drv.write_zeroes(0, 4096, ZeroFlags::default()).unwrap();
+    }
+
+    #[test]
+    fn size_follows_writes_and_zeroing_past_the_end() {
+        let img = image(4096);
+        let drv = open_file(img.path(), json!({})).unwrap();
+        assert_eq!(drv.size(), 4096);
+        drv.write_vectored(8192, &[IoSlice::new(&[7u8; 512])])
+            .unwrap();
+        assert_eq!(drv.size(), 8704);
+        assert_eq!(img.as_file().metadata().unwrap().len(), 8704);
+        drv.write_zeroes(16384, 4096, ZeroFlags::default()).unwrap();
+        assert_eq!(drv.size(), 20480);
+        assert_eq!(img.as_file().metadata().unwrap().len(), 20480);
+        drv.resize(1024).unwrap();
+        assert_eq!(drv.size(), 1024);
     }
 
     #[test]
