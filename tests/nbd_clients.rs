@@ -539,3 +539,56 @@ fn connections_of_an_iothread_export_follow_its_cpu_affinity() {
     let _ = client.wait();
     assert_eq!(found, vec!["0".to_string()]);
 }
+
+#[test]
+fn acknowledged_writes_survive_a_killed_daemon_and_a_vanished_client() {
+    let mut d = start(Impl::Blkd, true, "");
+    let u = uri(&d);
+    // A client that vanishes in the middle of a write request: header and
+    // half the payload, then gone.
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(d.path("nbd.sock")).unwrap();
+        let mut greeting = [0u8; 18];
+        std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+        s.write_all(&1u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE
+        let name = b"disk";
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        opt.extend_from_slice(name);
+        s.write_all(&opt).unwrap();
+        let mut export_info = [0u8; 10 + 124];
+        std::io::Read::read_exact(&mut s, &mut export_info).unwrap();
+        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+        req.extend_from_slice(&7u64.to_be_bytes());
+        req.extend_from_slice(&(2u64 << 20).to_be_bytes());
+        req.extend_from_slice(&65536u32.to_be_bytes());
+        req.extend_from_slice(&[0xee; 1000]);
+        s.write_all(&req).unwrap();
+    }
+    // Another client's flushed writes are acknowledged...
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5d 3M 256k",
+            "-c",
+            "flush",
+            &u,
+        ],
+    );
+    // ...and are in the image even when the daemon dies without a word.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let img = std::fs::read(d.path("img.raw")).unwrap();
+    assert!(img[3 << 20..(3 << 20) + (256 << 10)]
+        .iter()
+        .all(|b| *b == 0x5d));
+    // The half-sent write never reached the disk.
+    assert!(!img[2 << 20..(2 << 20) + 1000].contains(&0xee));
+}
