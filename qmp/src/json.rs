@@ -382,7 +382,7 @@ impl JsonStreamer {
         let v = p.parse_value();
         match p.err {
             Some(e) => Err(e),
-            None => Ok(v.expect("value without error")),
+            None => v.ok_or_else(|| "expecting value".to_string()),
         }
     }
 }
@@ -580,7 +580,10 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_keyword(&mut self) -> Option<Value> {
-        let tok = self.pop().expect("keyword token");
+        let Some(tok) = self.pop() else {
+            self.error("premature EOI".into());
+            return None;
+        };
         match self.text(tok) {
             b"true" => Some(Value::Bool(true)),
             b"false" => Some(Value::Bool(false)),
@@ -594,12 +597,16 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_literal(&mut self) -> Option<Value> {
-        let tok = self.pop().expect("literal token");
+        let Some(tok) = self.pop() else {
+            self.error("premature EOI".into());
+            return None;
+        };
         let text = self.text(tok);
         match tok.kind {
             STRING => self.parse_string(text).map(Value::String),
             INTEGER => {
-                let s = std::str::from_utf8(text).expect("ASCII number");
+                // The lexer only lets ASCII digits and signs through.
+                let s = String::from_utf8_lossy(text);
                 if let Ok(i) = s.parse::<i64>() {
                     return Some(Value::Number(i.into()));
                 }
@@ -608,24 +615,36 @@ impl<'a> Parser<'a> {
                         return Some(Value::Number(u.into()));
                     }
                 }
-                Some(float_value(s))
+                Some(float_value(&s))
             }
-            _ => Some(float_value(
-                std::str::from_utf8(text).expect("ASCII number"),
-            )),
+            _ => Some(float_value(&String::from_utf8_lossy(text))),
         }
     }
 
     fn parse_string(&mut self, text: &[u8]) -> Option<String> {
-        let quote = text[0];
+        // The lexer hands over whole quoted strings; still, a short token is
+        // an error here, never an out-of-bounds index.
+        let Some(&quote) = text.first() else {
+            self.error("premature EOI".into());
+            return None;
+        };
         let mut out = String::new();
         let mut i = 1;
-        while text[i] != quote {
-            if text[i] == b'\\' {
+        loop {
+            let Some(&b) = text.get(i) else {
+                self.error("premature EOI".into());
+                return None;
+            };
+            if b == quote {
+                break;
+            }
+            if b == b'\\' {
                 let beg = i;
-                i += 1;
-                let c = text[i];
-                i += 1;
+                let Some(&c) = text.get(i + 1) else {
+                    self.error("premature EOI".into());
+                    return None;
+                };
+                i += 2;
                 match c {
                     b'"' => out.push('"'),
                     b'\'' => out.push('\''),
@@ -681,7 +700,11 @@ impl<'a> Parser<'a> {
                     self.error("invalid UTF-8 sequence in string".into());
                     return None;
                 }
-                out.push(char::from_u32(cp as u32).expect("valid code point"));
+                let Some(ch) = char::from_u32(cp as u32) else {
+                    self.error("invalid UTF-8 sequence in string".into());
+                    return None;
+                };
+                out.push(ch);
                 i += len;
             }
         }
@@ -696,7 +719,8 @@ fn float_value(s: &str) -> Value {
     if f.is_infinite() {
         f = if f > 0.0 { f64::MAX } else { f64::MIN };
     }
-    Value::Number(Number::from_f64(f).expect("finite"))
+    // Only NaN is left unrepresentable, and number tokens cannot spell it.
+    Number::from_f64(f).map_or(Value::Null, Value::Number)
 }
 
 /// QEMU's `cvt4hex()`: four hex digits, or -1.

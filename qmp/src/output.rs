@@ -189,8 +189,14 @@ pub fn format_g17(x: f64) -> String {
     // Round to P significant digits first; the exponent of the rounded value
     // decides between fixed and exponential notation.
     let e_form = format!("{:.*e}", (P - 1) as usize, x);
-    let (mantissa, exp) = e_form.split_once('e').expect("exponent");
-    let exp: i32 = exp.parse().expect("exponent value");
+    // `{:e}` of a finite float always has an exponent; fall back to Rust's
+    // own form rather than panic if it ever did not.
+    let Some((mantissa, exp)) = e_form.split_once('e') else {
+        return x.to_string();
+    };
+    let Ok(exp) = exp.parse::<i32>() else {
+        return x.to_string();
+    };
     if !(-4..P).contains(&exp) {
         let mantissa = strip_fraction_zeros(mantissa);
         let sign = if exp < 0 { '-' } else { '+' };

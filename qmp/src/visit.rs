@@ -117,7 +117,8 @@ impl<'s, 'v> Visitor<'s, 'v> {
         };
         match tos.obj {
             Value::Object(map) => {
-                let name = name.expect("member name");
+                // Members of an object are always visited by name.
+                let name = name?;
                 let ret = map.get(name);
                 if consume && ret.is_some() {
                     if let Some(rem) = tos.remaining.as_mut() {
@@ -182,7 +183,9 @@ impl<'s, 'v> Visitor<'s, 'v> {
     }
 
     fn check_struct(&self) -> VResult<()> {
-        let tos = self.stack.last().expect("struct frame");
+        let Some(tos) = self.stack.last() else {
+            return Ok(());
+        };
         if let Some(key) = tos.remaining.as_ref().and_then(StrSet::first) {
             return Err(format!(
                 "Parameter '{}' is unexpected",
