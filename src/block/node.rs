@@ -3,6 +3,7 @@
 //! (NBD, vhost-user-blk, discard, write-zeroes) marks the bitmaps.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
@@ -14,6 +15,9 @@ pub struct BlockNode {
     name: String,
     driver: Box<dyn BlockDriver>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
+    /// Whether `bitmaps` is non-empty, so that writes to a node without
+    /// bitmaps (the common case) take no lock.
+    has_bitmaps: AtomicBool,
 }
 
 impl BlockNode {
@@ -23,6 +27,7 @@ impl BlockNode {
         BlockNode {
             name,
             driver,
+            has_bitmaps: AtomicBool::new(!bitmaps.is_empty()),
             bitmaps: Mutex::new(bitmaps),
         }
     }
@@ -41,6 +46,9 @@ impl BlockNode {
     }
 
     fn mark_dirty(&self, offset: u64, len: u64) {
+        if !self.has_bitmaps.load(Ordering::Acquire) {
+            return;
+        }
         let mut bitmaps = self.bitmaps();
         for bm in bitmaps.iter_mut() {
             bm.mark(offset, len);
@@ -85,11 +93,16 @@ impl BlockNode {
     }
 
     pub fn add_bitmap(&self, bitmap: DirtyBitmap) {
-        self.bitmaps().push(bitmap);
+        let mut bitmaps = self.bitmaps();
+        bitmaps.push(bitmap);
+        self.has_bitmaps.store(true, Ordering::Release);
     }
 
     pub fn remove_bitmap(&self, name: &str) {
-        self.bitmaps().retain(|b| b.name != name);
+        let mut bitmaps = self.bitmaps();
+        bitmaps.retain(|b| b.name != name);
+        self.has_bitmaps
+            .store(!bitmaps.is_empty(), Ordering::Release);
     }
 
     /// A copy of bitmap `name`.
