@@ -522,19 +522,11 @@ fn connections_of_an_iothread_export_follow_its_cpu_affinity() {
     .unwrap();
     assert_eq!(line.trim(), "up");
     let pid = d.child.id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = entry.unwrap().path();
-        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.starts_with("nbd-client-") {
-            let status = std::fs::read_to_string(path.join("status")).unwrap();
-            let cpus = status
-                .lines()
-                .find(|l| l.starts_with("Cpus_allowed_list:"))
-                .unwrap();
-            found.push(cpus.split_whitespace().nth(1).unwrap().to_string());
-        }
-    }
+    let found: Vec<String> = common::threads(pid)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("nbd-client-"))
+        .map(|(_, cpus)| cpus)
+        .collect();
     let _ = client.kill();
     let _ = client.wait();
     assert_eq!(found, vec!["0".to_string()]);

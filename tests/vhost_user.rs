@@ -132,11 +132,7 @@ fn queues_run_in_parallel_on_their_own_threads() {
         h.join().unwrap();
     }
     let pid = d.child.id();
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .map(|s| s.trim().to_string())
-        .collect();
+    let names: Vec<String> = common::threads(pid).into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().any(|n| n == "vub0-q0"), "{names:?}");
     assert!(names.iter().any(|n| n == "vub0-q1"), "{names:?}");
 }
@@ -170,10 +166,9 @@ fn iothread_mapping_names_workers_after_iothreads() {
     }
     let pid = d.child.id();
     let count = |name: &str| {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-            .filter(|s| s.trim() == name)
+        common::threads(pid)
+            .iter()
+            .filter(|(n, _)| n == name)
             .count()
     };
     // Each iothread itself plus one worker named after it.
@@ -292,20 +287,10 @@ fn stale_socket_is_replaced_and_inherited_fd_works() {
 
 /// `Cpus_allowed_list` of every thread of `pid` named `name`.
 fn affinities(pid: u32, name: &str) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| {
-            let path = e.ok()?.path();
-            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
-            if comm.trim() != name {
-                return None;
-            }
-            let status = std::fs::read_to_string(path.join("status")).ok()?;
-            status
-                .lines()
-                .find(|l| l.starts_with("Cpus_allowed_list:"))
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
-        })
+    common::threads(pid)
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, cpus)| cpus)
         .collect()
 }
 

@@ -840,18 +840,8 @@ impl BlockDriver for FileDriver {
     /// in this node (depth 1), as QEMU reports for protocol nodes.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
         let end = offset.saturating_add(len);
-        let data = |length| Extent {
-            length,
-            data: true,
-            zero: false,
-            depth: 1,
-        };
-        let hole = |length| Extent {
-            length,
-            data: false,
-            zero: true,
-            depth: 1,
-        };
+        let data = |length| Extent::data(length, 1);
+        let hole = |length| Extent::hole(length, 1);
         if len == 0 {
             return Ok(data(0));
         }
@@ -1136,18 +1126,8 @@ mod tests {
             .unwrap();
         drv.write_vectored(192 * K, &[IoSlice::new(&pattern(64 * 1024, 8))])
             .unwrap();
-        let data = |length| Extent {
-            length,
-            data: true,
-            zero: false,
-            depth: 1,
-        };
-        let hole = |length| Extent {
-            length,
-            data: false,
-            zero: true,
-            depth: 1,
-        };
+        let data = |length| Extent::data(length, 1);
+        let hole = |length| Extent::hole(length, 1);
         assert_eq!(drv.block_status(0, 256 * K).unwrap(), data(64 * K));
         assert_eq!(drv.block_status(4 * K, 8 * K).unwrap(), data(8 * K));
         assert_eq!(drv.block_status(64 * K, 256 * K).unwrap(), hole(128 * K));

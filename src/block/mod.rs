@@ -36,6 +36,28 @@ pub struct Extent {
     pub depth: u32,
 }
 
+impl Extent {
+    /// `length` bytes of data held at `depth`.
+    pub fn data(length: u64, depth: u32) -> Extent {
+        Extent {
+            length,
+            data: true,
+            zero: false,
+            depth,
+        }
+    }
+
+    /// `length` bytes that read as zeroes and hold no data, at `depth`.
+    pub fn hole(length: u64, depth: u32) -> Extent {
+        Extent {
+            length,
+            data: false,
+            zero: true,
+            depth,
+        }
+    }
+}
+
 /// Flags for [`BlockDriver::write_zeroes`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ZeroFlags {

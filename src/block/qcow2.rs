@@ -912,6 +912,26 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    /// `qemu-img check` finds `top` clean and `compare` finds it equal to
+    /// `expected` (written to the raw file `raw`).
+    fn assert_image_equals(top: &Path, raw: &Path, expected: &[u8]) {
+        std::fs::write(raw, expected).unwrap();
+        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                top.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
+    }
+
     fn run(program: &str, args: &[&str]) -> String {
         let out = Command::new(program)
             .args(args)
@@ -1228,21 +1248,7 @@ mod tests {
             let e = drv.block_status(700_000, 1).unwrap();
             assert_eq!((e.depth, e.data), (1, true));
         }
-        std::fs::write(&raw, &expected).unwrap();
-        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
-        run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                top.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
+        assert_image_equals(&top, &raw, &expected);
     }
 
     #[test]
@@ -1283,21 +1289,7 @@ mod tests {
             expected[512 * 1024..576 * 1024].fill(0);
             assert_eq!(read(drv.as_ref(), 0, 1 << 20), expected);
         }
-        std::fs::write(&raw, &expected).unwrap();
-        run("qemu-img", &["check", "-q", top.to_str().unwrap()]);
-        run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                top.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
+        assert_image_equals(&top, &raw, &expected);
     }
 
     #[test]

@@ -299,3 +299,22 @@ pub fn pass_fd_as_3(cmd: &mut Command, fd: i32) {
         });
     }
 }
+
+/// The threads of process `pid`: each one's name and `Cpus_allowed_list`.
+pub fn threads(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("")
+                .to_string();
+            Some((name.trim().to_string(), cpus))
+        })
+        .collect()
+}
