@@ -14,7 +14,8 @@
 # --keep keeps the work directory (serial logs, daemon log, image).
 # Environment: BLKD_GUEST_CACHE (kernel cache, default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/blkd-guest), BLKD_GUEST_TIMEOUT (seconds per
-# QEMU process, default 45; a run takes about 5 s).
+# QEMU process, default 180; a run takes about 5 s, but TCG on a loaded
+# 2-core machine, e.g. next to the other guest test, is several times slower).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,7 +44,7 @@ for tool in qemu-system-x86_64 busybox fio blkdiscard ldd cmp; do
 done
 
 cache=${BLKD_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/blkd-guest}
-qemu_timeout=${BLKD_GUEST_TIMEOUT:-45}
+qemu_timeout=${BLKD_GUEST_TIMEOUT:-180}
 start=$SECONDS
 
 # Image layout, shared with the guest through /etc/blkdtest.conf.
@@ -197,7 +198,8 @@ truncate -s $DISK_SIZE "$img"
     --monitor chardev=m \
     </dev/null >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
-for _ in $(seq 100); do
+# Up to 30 s: QSD starts slowly on a loaded machine.
+for _ in $(seq 300); do
     [ -S "$sock" ] && break
     kill -0 "$daemon_pid" 2>/dev/null || break
     sleep 0.1
@@ -263,7 +265,7 @@ kill -0 "$daemon_pid" 2>/dev/null || die "$daemon exited after the second QEMU: 
 # --- the daemon's exit and the image ---
 
 kill -TERM "$daemon_pid"
-for _ in $(seq 100); do
+for _ in $(seq 300); do
     kill -0 "$daemon_pid" 2>/dev/null || break
     sleep 0.1
 done
@@ -271,7 +273,7 @@ host_ok=1
 if kill -0 "$daemon_pid" 2>/dev/null; then
     kill -KILL "$daemon_pid"
     wait "$daemon_pid" 2>/dev/null || true
-    echo "  host FAIL daemon-exit: still running 10 s after SIGTERM" >&2
+    echo "  host FAIL daemon-exit: still running 30 s after SIGTERM" >&2
     host_ok=0
 else
     daemon_rc=0

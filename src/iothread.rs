@@ -143,6 +143,12 @@ mod tests {
         assert_eq!(comm.trim(), "iot-test-with-a");
         assert_eq!(t.id(), "iot-test-with-a-long-name");
         t.stop();
+        // The join returns when the thread clears its tid, a moment before the
+        // kernel drops its /proc entry.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::path::Path::new(&task).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(!std::path::Path::new(&task).exists());
         // Stopping twice is harmless.
         t.stop();

@@ -174,13 +174,12 @@ fn qemu_io_patterns_and_qemu_img_over_unix_and_tcp() {
     // The same export over TCP.
     let mut qmp = d.qmp();
     qmp.ok("nbd-server-stop", json!({}));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    // Port 0: the daemon keeps the port it gets (see tcp_listen_port).
     qmp.ok(
         "nbd-server-start",
-        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
     );
+    let port = common::tcp_listen_port(d.child.id());
     qmp.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk"}),
@@ -350,9 +349,15 @@ fn max_connections_makes_extra_clients_wait() {
     let u = uri(&d);
     let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &u])).unwrap();
     assert_eq!(info["exports"][0]["can_multi_conn"], false);
-    // Hold the one slot with a raw connection that never negotiates.
-    let holder = std::os::unix::net::UnixStream::connect(d.path("nbd.sock")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Hold the one slot with a raw connection that never negotiates. Its
+    // greeting shows that the server accepted it (the previous client may
+    // still be leaving); a sleep would not.
+    let mut holder = std::os::unix::net::UnixStream::connect(d.path("nbd.sock")).unwrap();
+    holder
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut holder, &mut greeting).expect("greeting");
     let waited = run("timeout", &["2", "nbdinfo", "--size", &u]);
     assert_eq!(waited.status.code(), Some(124), "second client was served");
     drop(holder);
@@ -438,13 +443,12 @@ fn tcp_ipv6_and_inherited_fd_listeners() {
             &["--blockdev", "null-co,node-name=n0,size=1048576"],
         );
         let mut qmp = d.qmp();
-        let probe = std::net::TcpListener::bind("[::1]:0").unwrap();
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
+        // Port 0: the daemon keeps the port it gets (see tcp_listen_port).
         qmp.ok(
             "nbd-server-start",
-            json!({"addr": {"type": "inet", "data": {"host": "::1", "port": port.to_string()}}}),
+            json!({"addr": {"type": "inet", "data": {"host": "::1", "port": "0"}}}),
         );
+        let port = common::tcp_listen_port(d.child.id());
         qmp.ok(
             "block-export-add",
             json!({"type": "nbd", "id": "e0", "node-name": "n0"}),

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{have, run_ok, Daemon, Impl};
 use serde_json::{json, Value};
@@ -250,8 +250,18 @@ fn bitmaps_stored_by_qemu_are_read_by_blkd() {
     let ours = uri(&d, "rw");
     assert_eq!(bitmap_map(&ours, "q0"), theirs.0);
     assert_eq!(bitmap_map(&ours, "q1"), theirs.1);
-    // Removing a bitmap in blkd removes it from the image.
-    qmp.ok("block-export-del", json!({"id": "e0"}));
+    // Removing a bitmap in blkd removes it from the image. nbdinfo may exit
+    // before the server has seen it go, and safe mode refuses an export in use.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = qmp.cmd("block-export-del", json!({"id": "e0"}));
+        if r.get("return").is_some() {
+            break;
+        }
+        assert_eq!(r["error"]["desc"], "export 'e0' still in use", "{r}");
+        assert!(Instant::now() < deadline, "export still in use: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     qmp.event("BLOCK_EXPORT_DELETED");
     qmp.ok(
         "block-dirty-bitmap-remove",

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -240,11 +240,6 @@ impl Addr {
     }
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// Starts `which` with TLS credentials `tls0` from `server_dir`, `authz` objects, and an
 /// NBD server with `server_extra` serving `img.raw` writable as export `disk`.
 fn start(
@@ -276,7 +271,10 @@ fn start(
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let d = Daemon::start_in(which, dir, &argv);
-    addr.wait_listening();
+    // Port 0 has no number to probe yet: the caller finds the daemon's.
+    if !matches!(addr, Addr::Tcp(0)) {
+        addr.wait_listening();
+    }
     d
 }
 
@@ -470,10 +468,13 @@ fn tls_over_tcp_without_authz_and_verify_peer_off() {
     for which in [Impl::Blkd, Impl::Qsd] {
         // verify-peer on, no authz: any certificate from the CA, over TCP.
         let dir = tempfile::tempdir().unwrap();
-        let addr = Addr::Tcp(free_port());
         let image = dir.path().join("img.raw");
         let work = tempfile::tempdir().unwrap();
-        let d = start(which, dir, &certs, &addr, &[], "");
+        // Port 0: the daemon keeps the port it gets, where one probed here
+        // and released could be taken before the daemon binds it.
+        let d = start(which, dir, &certs, &Addr::Tcp(0), &[], "");
+        let addr = Addr::Tcp(common::tcp_listen_port(d.child.id()));
+        addr.wait_listening();
         assert!(nbdinfo_ok(&addr, Some(&certs.dir(GOOD))), "{which:?}");
         assert!(nbdinfo_ok(&addr, Some(&certs.dir(OTHER_DN))), "{which:?}");
         assert!(!nbdinfo_ok(&addr, Some(&certs.dir(NO_CERT))), "{which:?}");

@@ -81,7 +81,8 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {program}: {e}"));
         let mut d = Daemon { which, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: QSD starts slowly on a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !sock.exists() {
             assert!(
                 d.child.try_wait().expect("try_wait").is_none(),
@@ -148,7 +149,7 @@ impl Daemon {
     fn stop(&mut self) {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self.child.try_wait().expect("try_wait").is_none() {
             assert!(
                 Instant::now() < deadline,

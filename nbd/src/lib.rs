@@ -15,11 +15,13 @@
 pub mod client;
 pub mod proto;
 mod server;
+pub mod splice;
 pub mod test_utils;
 mod transmission;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -38,6 +40,11 @@ pub trait Stream: Read + Write + Send {
     fn shutdown(&self) -> io::Result<()>;
     /// Bound how long a read may block (`None`: forever). Used for the handshake timeout.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// The socket itself, when bytes may be spliced to and from it as they are (not when
+    /// they are encrypted, as in TLS).
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Stream for UnixStream {
@@ -52,6 +59,10 @@ impl Stream for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
     }
+
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
 }
 
 impl Stream for TcpStream {
@@ -65,6 +76,10 @@ impl Stream for TcpStream {
 
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
+    }
+
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
 }
 
@@ -101,6 +116,29 @@ pub trait ExportBackend: Send + Sync {
         may_trim: bool,
         fast_only: bool,
     ) -> io::Result<()>;
+    /// Whether [`ExportBackend::splice_out`] and [`ExportBackend::splice_in`] work: the
+    /// export's bytes are a plain file range in the page cache. Then large payloads move
+    /// between the socket and the file without being copied through the server.
+    fn can_splice(&self) -> bool {
+        false
+    }
+    /// Move the `len` bytes at `offset` into `pipe`, which has room for them (see
+    /// [`splice::file_to_pipe`]). On error the pipe is dropped and the request is served by
+    /// [`ExportBackend::read_at`] instead.
+    fn splice_out(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Write the `len` bytes waiting in `pipe` at `offset` (see [`splice::pipe_to_file`]);
+    /// `fua` as in [`ExportBackend::write_at`].
+    fn splice_in(
+        &self,
+        _pipe: BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+        _fua: bool,
+    ) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Prefetch a range; the default does nothing, which is always correct.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())

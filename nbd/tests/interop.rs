@@ -300,8 +300,10 @@ fn start_qsd(dir: &std::path::Path) -> Option<(std::process::Child, String)> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < deadline {
+    // The socket file appears at bind(), a moment before listen(): wait until
+    // a connection goes through (QSD drops this one).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     Some((child, format!("nbd+unix:///n0?socket={}", sock.display())))

@@ -9,7 +9,7 @@
 use std::alloc::Layout;
 use std::ffi::CString;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -493,9 +493,13 @@ impl FileDriver {
         bufs: &[IoSlice<'_>],
         result: io::Result<()>,
     ) -> io::Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.after_write_of(offset, len, result)
+    }
+
+    fn after_write_of(&self, offset: u64, len: u64, result: io::Result<()>) -> io::Result<()> {
         match &result {
             Ok(()) => {
-                let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
                 self.file_len
                     .fetch_max(offset.saturating_add(len), Ordering::AcqRel);
             }
@@ -708,6 +712,28 @@ impl BlockDriver for FileDriver {
             direct: self.direct.is_some(),
             no_flush: self.no_flush,
         }
+    }
+
+    /// Not with O_DIRECT (splice would go through the page cache anyway), nor for
+    /// character devices.
+    fn can_splice(&self) -> bool {
+        self.direct.is_none() && self.kind != FileKind::CharDevice
+    }
+
+    fn splice_read(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        if !self.can_splice() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        nbd::splice::file_to_pipe(self.fd.as_fd(), offset, pipe, len)
+    }
+
+    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        refuse_if_read_only(self.read_only)?;
+        if !self.can_splice() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let result = nbd::splice::pipe_to_file(pipe, self.fd.as_fd(), offset, len);
+        self.after_write_of(offset, len as u64, result)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -1466,7 +1492,8 @@ mod tests {
             .spawn()
             .unwrap();
         let mut last = Ok(());
-        for _ in 0..100 {
+        // Up to 30 s for qemu-io to start and lock: a loaded machine is slow.
+        for _ in 0..600 {
             last = open_file(img.path(), json!({})).map(drop);
             if last.is_err() {
                 break;
@@ -1501,7 +1528,8 @@ mod tests {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        for _ in 0..100 {
+        // Up to 30 s: QSD starts slowly on a loaded machine.
+        for _ in 0..600 {
             if let Ok(Some(_)) = child.try_wait() {
                 let out = child.wait_with_output().map_err(|e| e.to_string())?;
                 return Err(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -1543,7 +1571,7 @@ mod tests {
         let mut child = qsd_writable_export(path, dir.path()).unwrap();
         // The socket comes before the export: wait for its lock.
         let mut writable = Ok(());
-        for _ in 0..100 {
+        for _ in 0..600 {
             writable = open_file(img.path(), json!({})).map(drop);
             if writable.is_err() {
                 break;

@@ -1408,14 +1408,29 @@ mod tests {
     /// is disabled, so an enabled bitmap is rewritten by QEMU on exit.
     fn qemu_bitmap_map(image: &Path, bitmap: &str, writable: bool) -> Vec<(u64, u64, bool)> {
         let sock = image.with_extension(format!("{bitmap}.sock"));
-        let mut args = vec!["-f", "qcow2", "-k", sock.to_str().unwrap(), "-B", bitmap];
+        // qemu-nbd writes its pid file once it listens (the socket file comes
+        // at bind(), before listen()); a probe connection would be the one
+        // client it serves before exiting.
+        let pidfile = image.with_extension(format!("{bitmap}.pid"));
+        let _ = std::fs::remove_file(&pidfile);
+        let pidfile_arg = format!("--pid-file={}", pidfile.display());
+        let mut args = vec![
+            "-f",
+            "qcow2",
+            "-k",
+            sock.to_str().unwrap(),
+            "-B",
+            bitmap,
+            &pidfile_arg,
+        ];
         if !writable {
             args.push("-r");
         }
         args.push(image.to_str().unwrap());
         let mut server = Command::new("qemu-nbd").args(&args).spawn().unwrap();
-        for _ in 0..100 {
-            if sock.exists() {
+        // Up to 30 s: a loaded machine is slow.
+        for _ in 0..600 {
+            if pidfile.exists() || matches!(server.try_wait(), Ok(Some(_))) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));

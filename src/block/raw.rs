@@ -2,6 +2,7 @@
 //! the window `[offset, offset + size)`.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -136,6 +137,21 @@ impl BlockDriver for RawDriver {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         let at = self.translate(offset, len)?;
         self.child.driver().write_vectored(at, bufs)
+    }
+
+    fn can_splice(&self) -> bool {
+        self.child.driver().can_splice()
+    }
+
+    fn splice_read(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        let at = self.translate(offset, len as u64)?;
+        self.child.driver().splice_read(pipe, at, len)
+    }
+
+    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        let at = self.translate(offset, len as u64)?;
+        self.child.driver().splice_write(pipe, at, len)
     }
 
     fn flush(&self) -> io::Result<()> {

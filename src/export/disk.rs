@@ -2,6 +2,7 @@
 //! vhost-user-blk crates' traits.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::block::{BlockNode, ZeroFlags};
@@ -72,6 +73,25 @@ impl nbd::ExportBackend for NodeDisk {
 
     fn flush(&self) -> io::Result<()> {
         self.node.driver().flush()
+    }
+
+    fn can_splice(&self) -> bool {
+        self.node.driver().can_splice()
+    }
+
+    fn splice_out(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        self.node.driver().splice_read(pipe, offset, len)
+    }
+
+    fn splice_in(
+        &self,
+        pipe: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.node.splice_write(pipe, offset, len)?;
+        self.after_write(fua)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -79,8 +79,9 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn daemon");
+        // Generous: QSD starts slowly on a loaded machine.
         assert!(
-            wait_for_path(&qmp, Duration::from_secs(10)),
+            wait_for_path(&qmp, Duration::from_secs(30)),
             "{which:?} did not create its QMP socket"
         );
         // The monitor answers only once every option has been applied, so a
@@ -101,7 +102,7 @@ impl Daemon {
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait_exit(Duration::from_secs(10))
+        self.wait_exit(Duration::from_secs(30))
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
@@ -140,7 +141,7 @@ impl Qmp {
     /// Connects and reads the greeting, without negotiating.
     pub fn connect_raw(path: &Path) -> Qmp {
         // The socket file appears at bind(), a moment before listen().
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
@@ -317,4 +318,40 @@ pub fn threads(pid: u32) -> Vec<(String, String)> {
             Some((name.trim().to_string(), cpus))
         })
         .collect()
+}
+
+/// The one TCP port process `pid` listens on. Daemons told to bind port 0
+/// keep the port the kernel picked, where a port probed here and released
+/// could be taken by another process before the daemon binds it.
+pub fn tcp_listen_port(pid: u32) -> u16 {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // local_address (hex ADDR:PORT), st (0A: LISTEN), inode.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                let port = f[1].rsplit(':').next().unwrap_or_default();
+                ports.push(u16::from_str_radix(port, 16).expect("port in hex"));
+            }
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        1,
+        "TCP ports process {pid} listens on: {ports:?}"
+    );
+    ports[0]
 }

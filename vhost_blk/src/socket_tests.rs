@@ -56,7 +56,9 @@ impl Fixture {
     }
 
     fn wait_connected(&self, connected: bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Generous: a connection ends on the export's threads, which a loaded
+        // machine may leave waiting.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while (self.export().connected() > 0) != connected {
             assert!(
                 Instant::now() < deadline,
@@ -302,8 +304,15 @@ fn event_idx_is_honoured() {
     for i in 0..5u64 {
         assert_eq!(q.write(i, &[9; 512]).unwrap(), 0);
     }
-    // The device published where it wants the next kick.
-    assert_eq!(q.avail_event().unwrap(), 5);
+    // The device publishes where it wants the next kick when it re-arms
+    // notifications, which may come just after the last completion.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut avail_event = q.avail_event().unwrap();
+    while avail_event != 5 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+        avail_event = q.avail_event().unwrap();
+    }
+    assert_eq!(avail_event, 5);
     assert!(f.disk.contents()[..2560].iter().all(|&b| b == 9));
 }
 
@@ -424,8 +433,10 @@ fn stop_while_connected_returns_promptly() {
     let export = f.export.take().unwrap();
     let t = Instant::now();
     export.stop();
+    // Waiting for the front-end would take forever; the bound leaves room
+    // for a loaded machine's scheduling.
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        t.elapsed() < Duration::from_secs(5),
         "stop took {:?}",
         t.elapsed()
     );
@@ -443,7 +454,7 @@ fn stop_without_front_end() {
     let mut f = Fixture::writable();
     let t = Instant::now();
     f.export.take().unwrap().stop();
-    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]

@@ -527,7 +527,9 @@ impl Client {
                 submitted: 0,
                 buf: BUF_AREA + i as u64 * BUF_STRIDE,
                 event_idx: options.event_idx && offered & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
-                timeout: Duration::from_secs(5),
+                // Generous for a loaded machine; tests that expect no
+                // completion set a short one.
+                timeout: Duration::from_secs(30),
             };
             fe.set_vring_num(i, options.queue_size).map_err(vhost_err)?;
             fe.set_vring_addr(

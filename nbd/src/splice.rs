@@ -1,0 +1,281 @@
+//! Zero-copy payloads: large READ data goes file → pipe → socket and large WRITE data socket →
+//! pipe → file with splice(2), so the server never copies it through its own memory. Used
+//! when the backend can splice ([`crate::ExportBackend::can_splice`]) and the connection is a
+//! plain socket; anything that does not fit a pipe falls back to the copying path.
+
+use std::io::{self, ErrorKind, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Payloads smaller than this are copied: for a few pages a copy costs less than the extra
+/// system calls of the pipe.
+pub(crate) const SPLICE_MIN: u64 = 128 * 1024;
+/// The pipe size asked for: one 1 MiB payload, the default `fs.pipe-max-size`.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
+fn check(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A pipe that holds one payload on its way between a socket and a file.
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    pub(crate) fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and nothing else owns them.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ takes an int and changes nothing but the pipe's size.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        let capacity = check(size as isize)?;
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn read_end(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    pub(crate) fn write_end(&self) -> BorrowedFd<'_> {
+        self.write.as_fd()
+    }
+
+    /// Put `data` in the pipe, which must have room for it.
+    pub(crate) fn push(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            // SAFETY: writes from a valid slice.
+            let n =
+                unsafe { libc::write(self.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            match check(n) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Take `buf.len()` bytes out of the pipe, which must hold them.
+    pub(crate) fn pull(&self, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: reads into a valid slice.
+            let n =
+                unsafe { libc::read(self.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+            match check(n) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One splice(2); `None` offsets for pipes and sockets, `Some` for files (positional: the
+/// file's own offset is left alone).
+fn splice_once(
+    from: BorrowedFd<'_>,
+    from_offset: Option<u64>,
+    to: BorrowedFd<'_>,
+    to_offset: Option<u64>,
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
+    let mut from_off = from_offset.unwrap_or(0) as libc::loff_t;
+    let mut to_off = to_offset.unwrap_or(0) as libc::loff_t;
+    let from_ptr = from_offset.map_or(std::ptr::null_mut(), |_| &mut from_off as *mut _);
+    let to_ptr = to_offset.map_or(std::ptr::null_mut(), |_| &mut to_off as *mut _);
+    // SAFETY: the offset pointers are null or point to live locals.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            from_ptr,
+            to.as_raw_fd(),
+            to_ptr,
+            len,
+            flags | libc::SPLICE_F_MOVE,
+        )
+    };
+    check(n)
+}
+
+/// Move exactly `len` bytes from a file at `offset` into `pipe`, which has room for them
+/// (a pipe that turns out too small is an error, not a wait: nobody would empty it).
+pub fn file_to_pipe(
+    file: BorrowedFd<'_>,
+    offset: u64,
+    pipe: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match splice_once(
+            file,
+            Some(offset + done as u64),
+            pipe,
+            None,
+            len - done,
+            libc::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "read past the end of the file",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                return Err(io::Error::other("the pipe has no room left for the data"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Move exactly `len` bytes waiting in `pipe` into a file at `offset`.
+pub fn pipe_to_file(
+    pipe: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match splice_once(pipe, None, file, Some(offset + done as u64), len - done, 0) {
+            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "the pipe ran dry")),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Send `parts` on a socket, telling it that more follows (TCP then holds a small header
+/// back until the data spliced after it fills the segment).
+pub(crate) fn send_more(socket: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut slices: &mut [IoSlice<'_>] = &mut slices;
+    while !slices.is_empty() {
+        // SAFETY: msghdr is plain data; an all-zero value is valid before the fields are set.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = slices.as_mut_ptr().cast();
+        msg.msg_iovlen = slices.len();
+        // SAFETY: the iovecs (IoSlice is ABI-compatible with iovec) point to live slices.
+        let n = unsafe {
+            libc::sendmsg(
+                socket.as_raw_fd(),
+                &msg,
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        match check(n) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Move exactly `len` bytes waiting in `pipe` to a (blocking) socket.
+pub(crate) fn pipe_to_socket(
+    pipe: BorrowedFd<'_>,
+    socket: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match splice_once(pipe, None, socket, None, len - done, 0) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How far [`socket_to_pipe`] got.
+pub(crate) enum Filled {
+    /// All `len` bytes are in the pipe.
+    All,
+    /// The pipe ran out of room (the socket's buffers took more pipe slots than pages)
+    /// after this many bytes; the rest is still in the socket.
+    Part(usize),
+}
+
+/// Move `len` bytes from a (blocking) socket into `pipe`, waiting for them to arrive.
+pub(crate) fn socket_to_pipe(
+    socket: BorrowedFd<'_>,
+    pipe: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<Filled> {
+    let mut done = 0;
+    while done < len {
+        // Non-blocking, so that a full pipe is reported rather than waited on; so wait for
+        // the socket here.
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        match splice_once(
+            socket,
+            None,
+            pipe,
+            None,
+            len - done,
+            libc::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a write payload",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // The socket has data (poll said so): the pipe is full.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Filled::Part(done)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Filled::All)
+}

@@ -1,0 +1,236 @@
+//! Large payloads spliced between sockets and a file: the data is right in every reply mode,
+//! over unix and TCP sockets, mixed with small requests, and nothing lands when a client
+//! vanishes halfway through a payload.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbd::client::{Client, Handshake};
+use nbd::proto;
+use nbd::test_utils::FileBackend;
+use nbd::{ExportConfig, Server, ServerConfig, Stream};
+
+const MIB: u64 = 1024 * 1024;
+const SIZE: u64 = 8 * MIB;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    file: File,
+    backend: Arc<FileBackend>,
+    server: Arc<Server>,
+}
+
+/// A server exporting a file of `file_len` bytes as an export of [`SIZE`] bytes.
+fn setup(file_len: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all_at(&pattern(file_len as usize, 1), 0)
+        .unwrap();
+    let backend = Arc::new(FileBackend::new(file.try_clone().unwrap(), SIZE));
+    let server = Server::new(ServerConfig::default());
+    let config = ExportConfig {
+        name: "e".into(),
+        multi_conn: true,
+        ..ExportConfig::default()
+    };
+    server.add_export(config, backend.clone()).unwrap();
+    Setup {
+        _dir: dir,
+        file,
+        backend,
+        server,
+    }
+}
+
+impl Setup {
+    fn unix(&self) -> Box<dyn Stream> {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        self.server.serve_client(Box::new(theirs), Box::new(|| {}));
+        Box::new(ours)
+    }
+
+    fn tcp(&self) -> Box<dyn Stream> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        theirs.set_nodelay(true).unwrap();
+        self.server.serve_client(Box::new(theirs), Box::new(|| {}));
+        Box::new(ours)
+    }
+
+    fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        self.file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+}
+
+/// Writes and reads large payloads at awkward offsets and checks them against the file.
+fn round_trips(s: &Setup, c: &mut Client, seed: u8) {
+    let cases: [(u64, usize); 4] = [
+        (0, MIB as usize),
+        (MIB + 512, 512 * 1024),
+        (3 * MIB + 4095, 128 * 1024 + 7),
+        (SIZE - MIB, MIB as usize),
+    ];
+    for (i, &(offset, len)) in cases.iter().enumerate() {
+        let data = pattern(len, seed.wrapping_add(i as u8));
+        c.write(offset, &data, 0).unwrap();
+        assert_eq!(s.file_bytes(offset, len), data, "file after write {i}");
+        // DF: one data chunk, whatever the allocation.
+        let flags = if c.structured() {
+            proto::CMD_FLAG_DF
+        } else {
+            0
+        };
+        assert_eq!(c.read(offset, len as u32, flags).unwrap(), data, "read {i}");
+    }
+}
+
+#[test]
+fn every_reply_mode_over_unix_and_tcp() {
+    let s = setup(SIZE);
+    for (transport, seed) in [("unix", 10u8), ("tcp", 50)] {
+        let stream = || {
+            if transport == "unix" {
+                s.unix()
+            } else {
+                s.tcp()
+            }
+        };
+        let before = (s.backend.spliced_in(), s.backend.spliced_out());
+        let mut simple = Handshake::start(stream()).unwrap().go("e").unwrap();
+        assert!(!simple.structured());
+        round_trips(&s, &mut simple, seed);
+        let mut structured = Client::connect(stream(), "e", false, &[]).unwrap();
+        round_trips(&s, &mut structured, seed + 10);
+        let mut extended = Client::connect(stream(), "e", true, &[]).unwrap();
+        assert!(extended.extended());
+        round_trips(&s, &mut extended, seed + 20);
+        // Each of the 12 writes and 12 reads went through a pipe.
+        assert_eq!(s.backend.spliced_in() - before.0, 12, "{transport} writes");
+        assert_eq!(s.backend.spliced_out() - before.1, 12, "{transport} reads");
+    }
+}
+
+#[test]
+fn spliced_and_batched_replies_do_not_interleave() {
+    let s = setup(SIZE);
+    let mut c = Client::connect(s.unix(), "e", false, &[]).unwrap();
+    let expected =
+        |offset: u64, len: usize| pattern(SIZE as usize, 1)[offset as usize..][..len].to_vec();
+    // Small reads (served in the reader's batch) around large ones (spliced) and large
+    // writes, all in flight at once.
+    let mut pending = Vec::new();
+    for i in 0..40u64 {
+        let (offset, len) = if i % 5 == 0 {
+            (i * 131072, 256 * 1024)
+        } else {
+            (i * 4096, 4096)
+        };
+        let cookie = c
+            .send_request(proto::CMD_FLAG_DF, proto::CMD_READ, offset, len as u64, &[])
+            .unwrap();
+        pending.push((cookie, offset, len));
+    }
+    for _ in 0..pending.len() {
+        let r = c.receive_reply().unwrap();
+        assert_eq!(r.error, None);
+        let &(_, offset, len) = pending.iter().find(|p| p.0 == r.cookie).unwrap();
+        assert_eq!(r.data, expected(offset, len), "read at {offset}");
+    }
+    assert!(s.backend.spliced_out() >= 8);
+}
+
+#[test]
+fn reads_past_the_end_of_a_short_file_fall_back_to_copying() {
+    // The export is larger than the file: its tail reads as zeroes.
+    let s = setup(SIZE - MIB / 2);
+    let mut c = Client::connect(s.unix(), "e", false, &[]).unwrap();
+    let got = c.read(SIZE - MIB, MIB as u32, proto::CMD_FLAG_DF).unwrap();
+    let mut expected = pattern((SIZE - MIB / 2) as usize, 1)[(SIZE - MIB) as usize..].to_vec();
+    expected.resize(MIB as usize, 0);
+    assert_eq!(got, expected);
+    assert_eq!(s.backend.spliced_out(), 0);
+    // The connection goes on splicing where the file has the data.
+    let got = c.read(0, MIB as u32, proto::CMD_FLAG_DF).unwrap();
+    assert_eq!(got, pattern(MIB as usize, 1));
+    assert_eq!(s.backend.spliced_out(), 1);
+}
+
+#[test]
+fn a_client_vanishing_mid_payload_writes_nothing() {
+    let s = setup(SIZE);
+    for stream in [s.unix(), s.tcp()] {
+        let mut c = Client::connect(stream, "e", false, &[]).unwrap();
+        let h = proto::RequestHeader {
+            flags: 0,
+            command: proto::CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            length: MIB,
+        };
+        let s2 = c.stream_mut();
+        s2.write_all(&h.encode_compact()).unwrap();
+        s2.write_all(&vec![0xee; 700 * 1024]).unwrap();
+        s2.flush().unwrap();
+        drop(c);
+    }
+    // The server has seen both connections end once it has no client left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.server.client_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.server.client_count(), 0);
+    assert_eq!(s.file_bytes(0, MIB as usize), pattern(MIB as usize, 1));
+    assert_eq!(s.backend.spliced_in(), 0);
+    // And the server still serves.
+    let mut c = Client::connect(s.unix(), "e", false, &[]).unwrap();
+    round_trips(&s, &mut c, 99);
+}
+
+#[test]
+fn a_payload_in_many_small_pieces_overflows_the_pipe_and_is_copied() {
+    let s = setup(SIZE);
+    let mut c = Handshake::start(s.unix()).unwrap().go("e").unwrap();
+    let data = pattern(512 * 1024, 77);
+    let h = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_WRITE,
+        cookie: 7,
+        offset: 2 * MIB,
+        length: data.len() as u64,
+    };
+    let stream = c.stream_mut();
+    stream.write_all(&h.encode_compact()).unwrap();
+    // One socket buffer per 1 KiB write, more than a pipe has slots: the pipe fills up
+    // before the payload is in, and the rest is read the ordinary way.
+    for piece in data.chunks(1024) {
+        stream.write_all(piece).unwrap();
+    }
+    // A simple reply: magic, error 0, cookie 7.
+    let mut reply = [0u8; 16];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(reply[4..], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+    assert_eq!(s.file_bytes(2 * MIB, data.len()), data);
+    assert_eq!(s.backend.spliced_in(), 0);
+    round_trips(&s, &mut c, 3);
+}
