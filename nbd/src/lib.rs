@@ -116,9 +116,9 @@ pub trait ExportBackend: Send + Sync {
         may_trim: bool,
         fast_only: bool,
     ) -> io::Result<()>;
-    /// Whether [`ExportBackend::splice_out`] and [`ExportBackend::splice_in`] work: the
-    /// export's bytes are a plain file range in the page cache. Then large payloads move
-    /// between the socket and the file without being copied through the server.
+    /// Whether [`ExportBackend::splice_out`] works: the export's bytes are a plain file
+    /// range in the page cache. Then large READ payloads go from the file to the socket
+    /// without being copied through the server.
     fn can_splice(&self) -> bool {
         false
     }
@@ -126,17 +126,6 @@ pub trait ExportBackend: Send + Sync {
     /// [`splice::file_to_pipe`]). On error the pipe is dropped and the request is served by
     /// [`ExportBackend::read_at`] instead.
     fn splice_out(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-    /// Write the `len` bytes waiting in `pipe` at `offset` (see [`splice::pipe_to_file`]);
-    /// `fua` as in [`ExportBackend::write_at`].
-    fn splice_in(
-        &self,
-        _pipe: BorrowedFd<'_>,
-        _offset: u64,
-        _len: usize,
-        _fua: bool,
-    ) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Prefetch a range; the default does nothing, which is always correct.

@@ -1,7 +1,11 @@
-//! Zero-copy payloads: large READ data goes file → pipe → socket and large WRITE data socket →
-//! pipe → file with splice(2), so the server never copies it through its own memory. Used
-//! when the backend can splice ([`crate::ExportBackend::can_splice`]) and the connection is a
-//! plain socket; anything that does not fit a pipe falls back to the copying path.
+//! Zero-copy READ payloads: large reads go file → pipe → socket with splice(2), so the server
+//! never copies the data through its own memory. Used when the backend can splice
+//! ([`crate::ExportBackend::can_splice`]) and the connection is a plain socket; a read that
+//! does not fit a pipe is copied as usual.
+//!
+//! WRITE payloads are copied on purpose: socket → pipe → file measured slower and costlier
+//! than a read into a warm buffer and a pwrite (the page-cache copy dominates either way,
+//! and the pipe adds system calls).
 
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -20,7 +24,7 @@ fn check(ret: isize) -> io::Result<usize> {
     }
 }
 
-/// A pipe that holds one payload on its way between a socket and a file.
+/// A pipe that holds one READ payload on its way from a file to a socket.
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -56,39 +60,6 @@ impl Pipe {
 
     pub(crate) fn write_end(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
-    }
-
-    /// Put `data` in the pipe, which must have room for it.
-    pub(crate) fn push(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            // SAFETY: writes from a valid slice.
-            let n =
-                unsafe { libc::write(self.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            match check(n) {
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Take `buf.len()` bytes out of the pipe, which must hold them.
-    pub(crate) fn pull(&self, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: reads into a valid slice.
-            let n =
-                unsafe { libc::read(self.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
-            match check(n) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -155,25 +126,6 @@ pub fn file_to_pipe(
     Ok(())
 }
 
-/// Move exactly `len` bytes waiting in `pipe` into a file at `offset`.
-pub fn pipe_to_file(
-    pipe: BorrowedFd<'_>,
-    file: BorrowedFd<'_>,
-    offset: u64,
-    len: usize,
-) -> io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        match splice_once(pipe, None, file, Some(offset + done as u64), len - done, 0) {
-            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "the pipe ran dry")),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Send `parts` on a socket, telling it that more follows (TCP then holds a small header
 /// back until the data spliced after it fills the segment).
 pub(crate) fn send_more(socket: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<()> {
@@ -222,60 +174,4 @@ pub(crate) fn pipe_to_socket(
         }
     }
     Ok(())
-}
-
-/// How far [`socket_to_pipe`] got.
-pub(crate) enum Filled {
-    /// All `len` bytes are in the pipe.
-    All,
-    /// The pipe ran out of room (the socket's buffers took more pipe slots than pages)
-    /// after this many bytes; the rest is still in the socket.
-    Part(usize),
-}
-
-/// Move `len` bytes from a (blocking) socket into `pipe`, waiting for them to arrive.
-pub(crate) fn socket_to_pipe(
-    socket: BorrowedFd<'_>,
-    pipe: BorrowedFd<'_>,
-    len: usize,
-) -> io::Result<Filled> {
-    let mut done = 0;
-    while done < len {
-        // Non-blocking, so that a full pipe is reported rather than waited on; so wait for
-        // the socket here.
-        let mut pfd = libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        match splice_once(
-            socket,
-            None,
-            pipe,
-            None,
-            len - done,
-            libc::SPLICE_F_NONBLOCK,
-        ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    ErrorKind::UnexpectedEof,
-                    "connection closed in the middle of a write payload",
-                ))
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            // The socket has data (poll said so): the pipe is full.
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Filled::Part(done)),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Filled::All)
 }

@@ -236,14 +236,13 @@ impl ExportBackend for MemBackend {
     }
 }
 
-/// A file as an export of a given size, with zero-copy transfers (the file may be shorter
-/// than the export: reads past its end return zeroes and are not spliced). Counts the
-/// payloads that took the splice path.
+/// A file as an export of a given size, with zero-copy reads (the file may be shorter than
+/// the export: reads past its end return zeroes and are not spliced). Counts the reads that
+/// took the splice path.
 pub struct FileBackend {
     file: File,
     size: u64,
     spliced_out: AtomicUsize,
-    spliced_in: AtomicUsize,
 }
 
 impl FileBackend {
@@ -252,18 +251,12 @@ impl FileBackend {
             file,
             size,
             spliced_out: AtomicUsize::new(0),
-            spliced_in: AtomicUsize::new(0),
         }
     }
 
     /// READ payloads spliced from the file so far.
     pub fn spliced_out(&self) -> usize {
         self.spliced_out.load(Ordering::SeqCst)
-    }
-
-    /// WRITE payloads spliced into the file so far.
-    pub fn spliced_in(&self) -> usize {
-        self.spliced_in.load(Ordering::SeqCst)
     }
 }
 
@@ -316,18 +309,6 @@ impl ExportBackend for FileBackend {
     fn splice_out(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         splice::file_to_pipe(self.file.as_fd(), offset, pipe, len)?;
         self.spliced_out.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn splice_in(
-        &self,
-        pipe: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
-        _fua: bool,
-    ) -> io::Result<()> {
-        splice::pipe_to_file(pipe, self.file.as_fd(), offset, len)?;
-        self.spliced_in.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

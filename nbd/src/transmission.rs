@@ -7,7 +7,7 @@
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
 //! again. Replies are written whole under the connection's send lock, in completion order.
 
-use std::io::{self, BufRead, BufReader, ErrorKind, IoSlice, Read, Write};
+use std::io::{self, BufReader, ErrorKind, IoSlice, Read, Write};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -19,7 +19,7 @@ use log::{debug, warn};
 
 use crate::proto::{self, Extent, RequestHeader};
 use crate::server::{lock, Export};
-use crate::splice::{self, Filled, Pipe, SPLICE_MIN};
+use crate::splice::{self, Pipe, SPLICE_MIN};
 use crate::Stream;
 
 /// Reply style negotiated for the connection.
@@ -67,8 +67,6 @@ const STATUS_LOOKAHEAD: u64 = 1 << 30;
 struct Request {
     header: RequestHeader,
     payload: Vec<u8>,
-    /// A WRITE payload left in a pipe instead of `payload`, to be spliced to the file.
-    piped: Option<Pipe>,
 }
 
 type CommandError = (u32, String);
@@ -91,8 +89,8 @@ struct Session {
     broken: AtomicBool,
     buffers: Mutex<Vec<Vec<u8>>>,
     max_kept_buffers: usize,
-    /// Whether large payloads are spliced (see [`crate::splice`]); cleared for good when a
-    /// pipe cannot be made (the user's pipe quota is spent).
+    /// Whether large READ payloads are spliced (see [`crate::splice`]); cleared for good
+    /// when a pipe cannot be made (the user's pipe quota is spent).
     splicing: AtomicBool,
     pipes: Mutex<Vec<Pipe>>,
     /// A range recently reported as allocated data by `base:allocation`: reads inside it are
@@ -414,7 +412,6 @@ impl Session {
             return Ok(Some(Request {
                 header,
                 payload: Vec::new(),
-                piped: None,
             }));
         }
         if header.length > u64::from(proto::MAX_PAYLOAD) {
@@ -427,58 +424,12 @@ impl Session {
             self.send_error(Sink::Socket, &header, proto::EINVAL, &msg);
             return Err(invalid(msg));
         }
-        if header.command == proto::CMD_WRITE && header.length >= SPLICE_MIN {
-            if let Some(pipe) = self.take_pipe(header.length as usize) {
-                return self.read_payload_into_pipe(reader, header, pipe).map(Some);
-            }
-        }
         let mut payload = self.take_buffer(header.length as usize);
         reader.read_exact(&mut payload)?;
-        Ok(Some(Request {
-            header,
-            payload,
-            piped: None,
-        }))
+        Ok(Some(Request { header, payload }))
     }
 
-    /// Read a WRITE payload into `pipe` without copying it, or, when the pipe runs out of
-    /// room, into a buffer. An error (the client vanishing halfway) leaves nothing written.
-    fn read_payload_into_pipe(
-        &self,
-        reader: &mut BufReader<Box<dyn Stream>>,
-        header: RequestHeader,
-        pipe: Pipe,
-    ) -> io::Result<Request> {
-        let len = header.length as usize;
-        let buffered = reader.buffer().len().min(len);
-        pipe.push(&reader.buffer()[..buffered])?;
-        reader.consume(buffered);
-        let filled = match reader.get_ref().splice_fd() {
-            Some(socket) => splice::socket_to_pipe(socket, pipe.write_end(), len - buffered)?,
-            None => Filled::Part(0),
-        };
-        match filled {
-            Filled::All => Ok(Request {
-                header,
-                payload: Vec::new(),
-                piped: Some(pipe),
-            }),
-            Filled::Part(spliced) => {
-                let in_pipe = buffered + spliced;
-                let mut payload = self.take_buffer(len);
-                pipe.pull(&mut payload[..in_pipe])?;
-                reader.read_exact(&mut payload[in_pipe..])?;
-                self.give_pipe(pipe);
-                Ok(Request {
-                    header,
-                    payload,
-                    piped: None,
-                })
-            }
-        }
-    }
-
-    /// A pipe with room for `len` bytes, if payloads are spliced on this connection.
+    /// A pipe with room for `len` bytes, if READ payloads are spliced on this connection.
     fn take_pipe(&self, len: usize) -> Option<Pipe> {
         if !self.splicing.load(Ordering::Relaxed) {
             return None;
@@ -514,7 +465,6 @@ impl Session {
         let Request {
             header: mut h,
             payload,
-            piped,
         } = request;
         let mut contexts = None;
         if h.command == proto::CMD_BLOCK_STATUS && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
@@ -548,10 +498,7 @@ impl Session {
                 }
                 _ => {
                     let start = Instant::now();
-                    let result = match piped {
-                        Some(pipe) => self.write_from_pipe(&h, pipe),
-                        None => self.execute(&h, &payload),
-                    };
+                    let result = self.execute(&h, &payload);
                     let busy = start.elapsed();
                     self.reply_to_command(sink, &h, result);
                     busy
@@ -560,17 +507,6 @@ impl Session {
         };
         self.give_buffer(payload);
         busy
-    }
-
-    fn write_from_pipe(&self, h: &RequestHeader, pipe: Pipe) -> io::Result<()> {
-        let fua = h.flags & proto::CMD_FLAG_FUA != 0;
-        let len = h.length as usize;
-        self.export
-            .backend
-            .splice_in(pipe.read_end(), h.offset, len, fua)?;
-        // Only an emptied pipe is kept; one that failed halfway is dropped.
-        self.give_pipe(pipe);
-        Ok(())
     }
 
     fn reply_to_command(&self, sink: Sink<'_>, h: &RequestHeader, result: io::Result<()>) {

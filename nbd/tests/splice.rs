@@ -1,6 +1,6 @@
-//! Large payloads spliced between sockets and a file: the data is right in every reply mode,
-//! over unix and TCP sockets, mixed with small requests, and nothing lands when a client
-//! vanishes halfway through a payload.
+//! Large READ payloads spliced from a file to the socket: the data is right in every reply
+//! mode, over unix and TCP sockets, mixed with small requests, and reads the file cannot
+//! splice are copied. Large WRITE payloads (copied) land whole or not at all.
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
@@ -115,7 +115,7 @@ fn every_reply_mode_over_unix_and_tcp() {
                 s.tcp()
             }
         };
-        let before = (s.backend.spliced_in(), s.backend.spliced_out());
+        let before = s.backend.spliced_out();
         let mut simple = Handshake::start(stream()).unwrap().go("e").unwrap();
         assert!(!simple.structured());
         round_trips(&s, &mut simple, seed);
@@ -124,9 +124,8 @@ fn every_reply_mode_over_unix_and_tcp() {
         let mut extended = Client::connect(stream(), "e", true, &[]).unwrap();
         assert!(extended.extended());
         round_trips(&s, &mut extended, seed + 20);
-        // Each of the 12 writes and 12 reads went through a pipe.
-        assert_eq!(s.backend.spliced_in() - before.0, 12, "{transport} writes");
-        assert_eq!(s.backend.spliced_out() - before.1, 12, "{transport} reads");
+        // Each of the 12 reads went through a pipe.
+        assert_eq!(s.backend.spliced_out() - before, 12, "{transport} reads");
     }
 }
 
@@ -200,37 +199,7 @@ fn a_client_vanishing_mid_payload_writes_nothing() {
     }
     assert_eq!(s.server.client_count(), 0);
     assert_eq!(s.file_bytes(0, MIB as usize), pattern(MIB as usize, 1));
-    assert_eq!(s.backend.spliced_in(), 0);
     // And the server still serves.
     let mut c = Client::connect(s.unix(), "e", false, &[]).unwrap();
     round_trips(&s, &mut c, 99);
-}
-
-#[test]
-fn a_payload_in_many_small_pieces_overflows_the_pipe_and_is_copied() {
-    let s = setup(SIZE);
-    let mut c = Handshake::start(s.unix()).unwrap().go("e").unwrap();
-    let data = pattern(512 * 1024, 77);
-    let h = proto::RequestHeader {
-        flags: 0,
-        command: proto::CMD_WRITE,
-        cookie: 7,
-        offset: 2 * MIB,
-        length: data.len() as u64,
-    };
-    let stream = c.stream_mut();
-    stream.write_all(&h.encode_compact()).unwrap();
-    // One socket buffer per 1 KiB write, more than a pipe has slots: the pipe fills up
-    // before the payload is in, and the rest is read the ordinary way.
-    for piece in data.chunks(1024) {
-        stream.write_all(piece).unwrap();
-    }
-    // A simple reply: magic, error 0, cookie 7.
-    let mut reply = [0u8; 16];
-    stream.read_exact(&mut reply).unwrap();
-    assert_eq!(reply[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
-    assert_eq!(reply[4..], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
-    assert_eq!(s.file_bytes(2 * MIB, data.len()), data);
-    assert_eq!(s.backend.spliced_in(), 0);
-    round_trips(&s, &mut c, 3);
 }

@@ -493,13 +493,9 @@ impl FileDriver {
         bufs: &[IoSlice<'_>],
         result: io::Result<()>,
     ) -> io::Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        self.after_write_of(offset, len, result)
-    }
-
-    fn after_write_of(&self, offset: u64, len: u64, result: io::Result<()>) -> io::Result<()> {
         match &result {
             Ok(()) => {
+                let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
                 self.file_len
                     .fetch_max(offset.saturating_add(len), Ordering::AcqRel);
             }
@@ -725,15 +721,6 @@ impl BlockDriver for FileDriver {
             return Err(io::ErrorKind::Unsupported.into());
         }
         nbd::splice::file_to_pipe(self.fd.as_fd(), offset, pipe, len)
-    }
-
-    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
-        refuse_if_read_only(self.read_only)?;
-        if !self.can_splice() {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
-        let result = nbd::splice::pipe_to_file(pipe, self.fd.as_fd(), offset, len);
-        self.after_write_of(offset, len as u64, result)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

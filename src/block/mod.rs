@@ -111,18 +111,14 @@ pub trait BlockDriver: Send + Sync {
     fn fills_read_buffers(&self) -> bool {
         true
     }
-    /// Whether [`BlockDriver::splice_read`] and [`BlockDriver::splice_write`] work: the
-    /// node's bytes are a plain range of a file in the page cache.
+    /// Whether [`BlockDriver::splice_read`] works: the node's bytes are a plain range of a
+    /// file in the page cache.
     fn can_splice(&self) -> bool {
         false
     }
     /// Moves `len` bytes at `offset` into `pipe`, which has room for them, without copying
     /// them through user memory (splice(2)).
     fn splice_read(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-    /// Writes the `len` bytes waiting in `pipe` at `offset` (splice(2)).
-    fn splice_write(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Bytes the node takes on its storage (`actual-size`), if known.

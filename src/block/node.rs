@@ -3,7 +3,6 @@
 //! (NBD, vhost-user-blk, discard, write-zeroes) marks the bitmaps.
 
 use std::io::{self, IoSlice};
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -62,13 +61,6 @@ impl BlockNode {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let result = self.driver.write_vectored(offset, bufs);
         self.mark_dirty(offset, len);
-        result
-    }
-
-    /// Like [`BlockNode::write_vectored`], with the data waiting in a pipe.
-    pub fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
-        let result = self.driver.splice_write(pipe, offset, len);
-        self.mark_dirty(offset, len as u64);
         result
     }
 

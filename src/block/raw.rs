@@ -148,12 +148,6 @@ impl BlockDriver for RawDriver {
         self.child.driver().splice_read(pipe, at, len)
     }
 
-    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
-        self.refuse_if_read_only()?;
-        let at = self.translate(offset, len as u64)?;
-        self.child.driver().splice_write(pipe, at, len)
-    }
-
     fn flush(&self) -> io::Result<()> {
         self.child.driver().flush()
     }
