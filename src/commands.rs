@@ -7,7 +7,7 @@ use qmp::QmpError;
 
 use crate::daemon::Daemon;
 use crate::graph::Graph;
-use crate::iothread::IoThread;
+use crate::iothread::{IoThread, IoThreadParams};
 
 type CmdResult = Result<Value, QmpError>;
 
@@ -53,13 +53,14 @@ impl Daemon {
                 self.iothreads
                     .values()
                     .map(|t| {
+                        let p = t.params();
                         json!({
                             "id": t.id(),
                             "thread-id": t.thread_id(),
-                            "poll-max-ns": 0,
-                            "poll-grow": 0,
-                            "poll-shrink": 0,
-                            "aio-max-batch": 0,
+                            "poll-max-ns": p.poll_max_ns,
+                            "poll-grow": p.poll_grow,
+                            "poll-shrink": p.poll_shrink,
+                            "aio-max-batch": p.aio_max_batch,
                         })
                     })
                     .collect(),
@@ -162,7 +163,8 @@ impl Daemon {
         }
         match qom_type.as_str() {
             "iothread" => {
-                let thread = IoThread::spawn(&id)
+                let params = IoThreadParams::from_props(args)?;
+                let thread = IoThread::spawn(&id, params)
                     .map_err(|e| format!("Failed to start iothread '{id}': {e}"))?;
                 self.iothreads.insert(id, thread);
             }

@@ -11,15 +11,70 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const STOP_TOKEN: u64 = 0;
 
+/// An iothread's polling properties, as QEMU's: how long the threads that
+/// serve its exports may poll for new requests before they sleep
+/// (`poll-max-ns`, 0 turns polling off). `poll-grow`, `poll-shrink` and
+/// `aio-max-batch` are kept and reported; the window always doubles and
+/// halves (QEMU's defaults) and there is no AIO batch to size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoThreadParams {
+    pub poll_max_ns: u64,
+    pub poll_grow: u64,
+    pub poll_shrink: u64,
+    pub aio_max_batch: u64,
+}
+
+impl Default for IoThreadParams {
+    /// QEMU's defaults on Linux.
+    fn default() -> Self {
+        IoThreadParams {
+            poll_max_ns: 32768,
+            poll_grow: 0,
+            poll_shrink: 0,
+            aio_max_batch: 0,
+        }
+    }
+}
+
+impl IoThreadParams {
+    /// From `object-add` / `--object iothread` properties (already checked
+    /// to be integers by the schema).
+    pub fn from_props(props: &Map<String, Value>) -> Result<Self, String> {
+        let get = |name: &str, default: u64| -> Result<u64, String> {
+            match props.get(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| format!("{name} value must be in range [0, {}]", i64::MAX)),
+            }
+        };
+        let defaults = IoThreadParams::default();
+        Ok(IoThreadParams {
+            poll_max_ns: get("poll-max-ns", defaults.poll_max_ns)?,
+            poll_grow: get("poll-grow", defaults.poll_grow)?,
+            poll_shrink: get("poll-shrink", defaults.poll_shrink)?,
+            aio_max_batch: get("aio-max-batch", defaults.aio_max_batch)?,
+        })
+    }
+
+    pub fn poll_max(&self) -> Duration {
+        Duration::from_nanos(self.poll_max_ns)
+    }
+}
+
 /// A running iothread.
 pub struct IoThread {
     id: String,
     thread_id: i32,
+    params: IoThreadParams,
     shared: Arc<Shared>,
     handle: Mutex<Option<JoinHandle<()>>>,
 }
@@ -31,7 +86,7 @@ struct Shared {
 
 impl IoThread {
     /// Starts the thread `id` and waits until it runs its loop.
-    pub fn spawn(id: &str) -> io::Result<IoThread> {
+    pub fn spawn(id: &str, params: IoThreadParams) -> io::Result<IoThread> {
         let shared = Arc::new(Shared {
             stop: EventFd::new(EFD_NONBLOCK)?,
         });
@@ -63,6 +118,7 @@ impl IoThread {
         Ok(IoThread {
             id: id.to_string(),
             thread_id,
+            params,
             shared,
             handle: Mutex::new(Some(handle)),
         })
@@ -75,6 +131,10 @@ impl IoThread {
     /// The kernel thread id (what `query-iothreads` calls `thread-id`).
     pub fn thread_id(&self) -> i32 {
         self.thread_id
+    }
+
+    pub fn params(&self) -> IoThreadParams {
+        self.params
     }
 
     /// Stops the loop and joins the thread.
@@ -137,7 +197,7 @@ mod tests {
 
     #[test]
     fn runs_as_a_named_thread_until_stopped() {
-        let t = IoThread::spawn("iot-test-with-a-long-name").unwrap();
+        let t = IoThread::spawn("iot-test-with-a-long-name", IoThreadParams::default()).unwrap();
         let task = format!("/proc/self/task/{}", t.thread_id());
         let comm = std::fs::read_to_string(format!("{task}/comm")).unwrap();
         assert_eq!(comm.trim(), "iot-test-with-a");

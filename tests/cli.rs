@@ -70,6 +70,8 @@ fn startup_errors_match_qsd() {
         vec!["--object".into(), "iothread,id=iot0".into(), "--object".into(), "iothread,id=iot0".into()],
         vec!["--object".into(), "nope,id=x".into()],
         vec!["--object".into(), "iothread,id=x,poll-max-ns=abc".into()],
+        vec!["--object".into(), "iothread,id=x,poll-max-ns=-1".into()],
+        vec!["--object".into(), "iothread,id=x,aio-max-batch=-5".into()],
         vec!["--monitor".into(), "chardev=nope".into()],
         vec!["--chardev".into(), format!("socket,id=m,path={d}/m.sock,server=on,wait=off"), "--monitor".into(), "chardev=m,mode=readline".into()],
         vec!["--chardev".into(), format!("socket,id=m,path={d}/nodir/m.sock,server=on,wait=off")],

@@ -150,7 +150,10 @@ fn resize_changes_the_file_and_query_reports_nodes() {
 fn iothreads_are_real_threads_and_in_use_ones_cannot_be_deleted() {
     let d = Daemon::start(Impl::Blkd, &["--object", "iothread,id=io0"]);
     let mut qmp = d.qmp();
-    qmp.ok("object-add", json!({"qom-type": "iothread", "id": "io1"}));
+    qmp.ok(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 0, "poll-grow": 3}),
+    );
     let (_, dup) = qmp.err("object-add", json!({"qom-type": "iothread", "id": "io1"}));
     assert_eq!(
         dup,
@@ -159,6 +162,21 @@ fn iothreads_are_real_threads_and_in_use_ones_cannot_be_deleted() {
     let threads = qmp.ok("query-iothreads", json!({}));
     let list = threads.as_array().unwrap();
     assert_eq!(list.len(), 2);
+    // QEMU's defaults, and what object-add set.
+    let params = |t: &Value| {
+        ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"].map(|k| t[k].as_i64().unwrap())
+    };
+    let by_id = |id: &str| list.iter().find(|t| t["id"] == id).unwrap();
+    assert_eq!(params(by_id("io0")), [32768, 0, 0, 0]);
+    assert_eq!(params(by_id("io1")), [0, 3, 0, 0]);
+    let (_, negative) = qmp.err(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io2", "poll-max-ns": -1}),
+    );
+    assert_eq!(
+        negative,
+        "poll-max-ns value must be in range [0, 9223372036854775807]"
+    );
     let pid = d.child.id();
     for t in list {
         let tid = t["thread-id"].as_i64().unwrap();

@@ -13,6 +13,7 @@
 //! threads that serve them and write replies, possibly out of order, under one send lock.
 
 pub mod client;
+mod poll;
 pub mod proto;
 mod server;
 pub mod splice;
@@ -40,9 +41,9 @@ pub trait Stream: Read + Write + Send {
     fn shutdown(&self) -> io::Result<()>;
     /// Bound how long a read may block (`None`: forever). Used for the handshake timeout.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
-    /// The socket itself, when bytes may be spliced to and from it as they are (not when
-    /// they are encrypted, as in TLS).
-    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+    /// The socket itself, when the bytes on it are the protocol's own (not TLS records):
+    /// READ payloads are spliced into it and it is polled for requests.
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 }
@@ -60,7 +61,7 @@ impl Stream for UnixStream {
         UnixStream::set_read_timeout(self, timeout)
     }
 
-    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
@@ -78,7 +79,7 @@ impl Stream for TcpStream {
         TcpStream::set_read_timeout(self, timeout)
     }
 
-    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
@@ -165,6 +166,9 @@ pub struct ExportConfig {
     pub meta_contexts: Vec<String>,
     /// Places the threads that serve this export, e.g. on an iothread's CPUs.
     pub on_serve: Option<ServeHook>,
+    /// How long a connection's reader may poll its socket for the next request before it
+    /// sleeps (QEMU's iothread `poll-max-ns`); zero never polls.
+    pub poll_max: Duration,
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -176,6 +180,7 @@ impl std::fmt::Debug for ExportConfig {
             .field("multi_conn", &self.multi_conn)
             .field("meta_contexts", &self.meta_contexts)
             .field("on_serve", &self.on_serve.is_some())
+            .field("poll_max", &self.poll_max)
             .finish()
     }
 }

@@ -6,6 +6,8 @@
 //! worker threads, and so does everything while the backend is seen to be slow (an inline
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
 //! again. Replies are written whole under the connection's send lock, in completion order.
+//! Before the reader sleeps on the socket it polls it for a while (see [`crate::poll`]);
+//! large reads from files are spliced (see [`crate::splice`]).
 
 use std::io::{self, BufReader, ErrorKind, IoSlice, Read, Write};
 use std::ops::Range;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
+use crate::poll::PollWindow;
 use crate::proto::{self, Extent, RequestHeader};
 use crate::server::{lock, Export};
 use crate::splice::{self, Pipe, SPLICE_MIN};
@@ -182,7 +185,7 @@ pub(crate) fn run(
         }
     };
     let size = export.backend.size();
-    let splicing = export.backend.can_splice() && writer.splice_fd().is_some();
+    let splicing = export.backend.can_splice() && writer.plain_socket().is_some();
     let session = Arc::new(Session {
         id,
         export,
@@ -209,6 +212,8 @@ pub(crate) fn run(
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
     // Serve cheap requests on this thread (see the module comment).
     let mut inline = true;
+    let poll_max = session.export.config.poll_max;
+    let mut poll = (!poll_max.is_zero()).then(|| PollWindow::new(poll_max));
 
     loop {
         // Reading may block: the client must have every reply it can get first.
@@ -216,6 +221,12 @@ pub(crate) fn run(
             session.flush_batch(&mut batch);
         }
         in_flight.wait_below(max_in_flight);
+        if let (Some(poll), Some(socket)) = (poll.as_mut(), reader.get_ref().plain_socket()) {
+            if reader.buffer().is_empty() {
+                // An error here shows again on the read below.
+                let _ = poll.wait_readable(socket);
+            }
+        }
         let request = match session.read_request(&mut reader) {
             Ok(Some(r)) => r,
             Ok(None) => break,
@@ -866,7 +877,7 @@ impl Session {
             Sink::Batch(batch) => batch,
             Sink::Socket => &mut Vec::new(),
         };
-        let sent = match writer.splice_fd() {
+        let sent = match writer.plain_socket() {
             Some(socket) => splice::send_more(socket, &[batch, head[0], head[1]])
                 .and_then(|()| splice::pipe_to_socket(pipe.read_end(), socket, len)),
             None => Err(ErrorKind::Unsupported.into()),

@@ -947,3 +947,34 @@ fn in_flight_requests_are_bounded() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(200), "{took:?}");
 }
+
+#[test]
+fn polling_connections_serve_every_request() {
+    let f = Fixture::new(ServerConfig::default());
+    let backend = Arc::new(MemBackend::new(4 * MIB));
+    let config = ExportConfig {
+        name: "p".into(),
+        poll_max: Duration::from_micros(64),
+        ..ExportConfig::default()
+    };
+    f.server.add_export(config, backend.clone()).unwrap();
+    let mut c = Client::connect(f.connect(), "p", false, &["base:allocation"]).unwrap();
+    io_suite(&mut c, &backend);
+    // One request at a time, with pauses both shorter and longer than the poll window:
+    // the reader polls, sleeps, and always wakes for the next one.
+    for i in 0..200u64 {
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let data = [i as u8; 512];
+        c.write(i * 512, &data, 0).unwrap();
+        assert_eq!(c.read(i * 512, 512, proto::CMD_FLAG_DF).unwrap(), data);
+    }
+    // Its end is seen promptly too.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.server.client_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(f.server.client_count(), 0);
+}

@@ -5,6 +5,7 @@ pub mod disk;
 pub mod vhost;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
@@ -187,6 +188,7 @@ impl Daemon {
                 bitmaps.push(bm_name);
             }
         }
+        let iothread = iothreads.first().and_then(|t| self.iothreads.get(t));
         let config = nbd::ExportConfig {
             name: name.clone(),
             description,
@@ -194,11 +196,11 @@ impl Daemon {
             multi_conn: nbd.multi_conn(),
             meta_contexts: contexts.iter().map(MetaContext::nbd_name).collect(),
             // Connections serving an export that names an iothread run on
-            // that iothread's CPUs, as its vhost-user-blk workers do.
-            on_serve: iothreads
-                .first()
-                .and_then(|t| self.iothreads.get(t))
-                .map(|t| crate::iothread::affinity_follower(t.thread_id())),
+            // that iothread's CPUs, as its vhost-user-blk workers do, and
+            // poll as it says. Without one they never poll, as exports in
+            // QEMU's main loop.
+            on_serve: iothread.map(|t| crate::iothread::affinity_follower(t.thread_id())),
+            poll_max: iothread.map_or(Duration::ZERO, |t| t.params().poll_max()),
         };
         let disk = NodeDisk::new(Arc::clone(node), bool_arg(args, "writethrough"), contexts);
         nbd.server

@@ -81,12 +81,16 @@ impl Daemon {
         num_queues: u16,
         args: &Map<String, Value>,
     ) -> Result<(Vec<vhost_blk::QueueGroup>, Vec<String>), String> {
-        let group = |name: &str, queues: Vec<u16>, iothread: Option<&str>| vhost_blk::QueueGroup {
-            name: name.to_string(),
-            queues,
-            on_worker_start: iothread
-                .and_then(|t| self.iothreads.get(t))
-                .map(|t| crate::iothread::affinity_follower(t.thread_id())),
+        let group = |name: &str, queues: Vec<u16>, iothread: Option<&str>| {
+            let thread = iothread.and_then(|t| self.iothreads.get(t));
+            vhost_blk::QueueGroup {
+                name: name.to_string(),
+                queues,
+                on_worker_start: thread.map(|t| crate::iothread::affinity_follower(t.thread_id())),
+                // An iothread's workers poll as the iothread says; workers of
+                // their own poll as vhost_blk measured best.
+                poll_max: thread.map_or(vhost_blk::DEFAULT_POLL_MAX, |t| t.params().poll_max()),
+            }
         };
         let mapping = args.get("iothread-vq-mapping").and_then(Value::as_array);
         let iothread = args.get("iothread").and_then(Value::as_str);

@@ -61,26 +61,30 @@ pub fn device_features(writable: bool) -> u64 {
 /// Header of VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: request 2, version 1, no payload.
 const CONFIG_CHANGE_MSG: [u8; 12] = [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
 
-/// Longest a worker polls a queue for new requests before it sleeps. Twice QEMU's default
-/// `poll-max-ns`: with one queue at QD32, a driver's turnaround often takes longer than
-/// 32 us here, and every miss costs a kick and a wake-up (scripts/bench.sh: 1.2-1.9x QSD's
-/// single-queue IOPS with 64 us, 0.4-1.1x with 32 us).
-const POLL_MAX: Duration = Duration::from_micros(64);
-/// Where polling starts once sleeping has been seen to be short.
+/// Where polling starts once sleeping has been seen to be short (QEMU: 4 us).
 const POLL_START: Duration = Duration::from_micros(4);
 
 /// Adaptive polling of one queue, as QEMU's event loop does it: after serving the queue,
 /// the worker watches it for new requests for a while before it re-enables kicks and
 /// sleeps, which spares the front-end a kick and the worker a wake-up when requests come
-/// close together. The window doubles while the worker keeps being woken within
-/// [`POLL_MAX`] of going to sleep, and halves (down to nothing) when the sleeps are longer.
-#[derive(Default)]
+/// close together. The window doubles while the worker keeps being woken within `max`
+/// (the queue group's `poll_max`) of going to sleep, and halves (down to nothing) when the
+/// sleeps are longer.
 struct PollWindow {
     window: Duration,
+    max: Duration,
     slept_at: Option<Instant>,
 }
 
 impl PollWindow {
+    fn new(max: Duration) -> Self {
+        PollWindow {
+            window: Duration::ZERO,
+            max,
+            slept_at: None,
+        }
+    }
+
     /// The worker is awake again: adjust the window to how long it slept.
     fn woken(&mut self) {
         if let Some(slept_at) = self.slept_at.take() {
@@ -89,13 +93,13 @@ impl PollWindow {
     }
 
     fn adjust(&mut self, slept: Duration) {
-        if slept > POLL_MAX {
+        if slept > self.max {
             self.window /= 2;
             if self.window < POLL_START {
                 self.window = Duration::ZERO;
             }
         } else if slept > self.window {
-            self.window = (self.window * 2).clamp(POLL_START, POLL_MAX);
+            self.window = (self.window * 2).max(POLL_START).min(self.max);
         }
     }
 }
@@ -155,7 +159,15 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(Arc::new(GuestMemoryMmap::new())),
             workers,
-            poll: (0..config.num_queues).map(|_| Mutex::default()).collect(),
+            poll: (0..config.num_queues)
+                .map(|q| {
+                    let max = groups
+                        .iter()
+                        .find(|g| g.queues.contains(&q))
+                        .map_or(Duration::ZERO, |g| g.poll_max);
+                    Mutex::new(PollWindow::new(max))
+                })
+                .collect(),
             backend_req: Mutex::new(None),
         })
     }
@@ -494,7 +506,8 @@ mod tests {
     #[test]
     fn poll_window_follows_how_long_the_worker_sleeps() {
         let us = Duration::from_micros;
-        let mut w = PollWindow::default();
+        const POLL_MAX: Duration = Duration::from_micros(64);
+        let mut w = PollWindow::new(POLL_MAX);
         let mut after = |slept: Duration| {
             w.adjust(slept);
             w.window
@@ -514,6 +527,12 @@ mod tests {
         assert_eq!(after(us(1000)), us(4));
         assert_eq!(after(us(1000)), Duration::ZERO);
         assert_eq!(after(us(1000)), Duration::ZERO);
+        // poll-max-ns=0: never polls.
+        let mut off = PollWindow::new(Duration::ZERO);
+        for slept in [us(0), us(1), us(10), us(1000)] {
+            off.adjust(slept);
+            assert_eq!(off.window, Duration::ZERO);
+        }
     }
 
     #[test]

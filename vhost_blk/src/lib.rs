@@ -23,7 +23,8 @@ mod socket_tests;
 
 pub use config::{
     BlkConfig, ConfigSpace, QueueGroup, WorkerStartHook, CONFIG_SPACE_SIZE, CONFIG_WCE_OFFSET,
-    DEFAULT_MAX_MEM_SLOTS, MAX_DISCARD_WZ_SECTORS, MAX_NUM_QUEUES, MAX_QUEUE_SIZE, SEG_MAX,
+    DEFAULT_MAX_MEM_SLOTS, DEFAULT_POLL_MAX, MAX_DISCARD_WZ_SECTORS, MAX_NUM_QUEUES,
+    MAX_QUEUE_SIZE, SEG_MAX,
 };
 pub use device::{device_features, PROTOCOL_FEATURES};
 pub use export::BlkExport;

@@ -251,6 +251,7 @@ fn queues_run_in_parallel_on_named_workers() {
                 let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
                 started.lock().unwrap().push(comm.trim().to_string());
             })),
+            poll_max: crate::DEFAULT_POLL_MAX,
         }
     };
     let mut config = BlkConfig::new("mq");

@@ -46,6 +46,7 @@ impl Fixture {
             multi_conn: true,
             meta_contexts: contexts.iter().map(|c| c.to_string()).collect(),
             on_serve: None,
+            poll_max: std::time::Duration::ZERO,
         };
         self.server.add_export(config, backend).expect("add_export");
     }
