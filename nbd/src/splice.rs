@@ -99,6 +99,22 @@ pub fn file_to_pipe(
     pipe: BorrowedFd<'_>,
     len: usize,
 ) -> io::Result<()> {
+    // A pipe holds a part of at most one page per slot: a range that starts inside a page
+    // takes one slot more than its length in pages. Refuse before moving anything rather
+    // than fill the pipe and fail on its last page.
+    // SAFETY: sysconf and F_GETPIPE_SZ only return numbers.
+    let (page, room) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PAGESIZE),
+            libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ),
+        )
+    };
+    let page = usize::try_from(page).unwrap_or(4096).max(1);
+    let room = check(room as isize)?;
+    let span = (offset % page as u64) as usize + len;
+    if span.div_ceil(page) > room / page {
+        return Err(io::Error::other("the pipe has too few pages for the data"));
+    }
     let mut done = 0;
     while done < len {
         match splice_once(
@@ -174,4 +190,34 @@ pub(crate) fn pipe_to_socket(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_range_that_needs_more_pages_than_the_pipe_has_is_refused_untouched() {
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&vec![7u8; 3 << 20], 0).unwrap();
+        // SAFETY: sysconf only returns a number.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let pipe = Pipe::new().unwrap();
+        let len = pipe.capacity();
+        // Starting inside a page, a whole pipe's worth spans one page more than it holds.
+        let err = file_to_pipe(file.as_fd(), 512, pipe.write_end(), len).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Other);
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        assert_eq!(
+            unsafe { libc::ioctl(pipe.read_end().as_raw_fd(), libc::FIONREAD, &mut queued) },
+            0
+        );
+        assert_eq!(queued, 0, "nothing was moved");
+        // Page-aligned, or a page shorter, it fits.
+        file_to_pipe(file.as_fd(), page, pipe.write_end(), len).unwrap();
+        let other = Pipe::new().unwrap();
+        file_to_pipe(file.as_fd(), 512, other.write_end(), len - page as usize).unwrap();
+    }
 }

@@ -463,10 +463,12 @@ impl Session {
         Some(pipe)
     }
 
-    /// Keep an empty pipe for later.
+    /// Keep an empty pipe for later. Only two: spliced reads are served on the reader thread
+    /// one after another, and every pipe kept counts against the user's pipe quota, which
+    /// all connections share.
     fn give_pipe(&self, pipe: Pipe) {
         let mut pipes = lock(&self.pipes);
-        if pipes.len() < self.max_kept_buffers {
+        if pipes.len() < 2 {
             pipes.push(pipe);
         }
     }
