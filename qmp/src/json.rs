@@ -430,6 +430,24 @@ impl<'a> Parser<'a> {
         t
     }
 
+    /// [`Parser::peek`], with QEMU's error at the end of input.
+    fn peek_or_eoi(&mut self) -> Option<Token> {
+        let t = self.peek();
+        if t.is_none() {
+            self.error("premature EOI".into());
+        }
+        t
+    }
+
+    /// [`Parser::pop`], with QEMU's error at the end of input.
+    fn pop_or_eoi(&mut self) -> Option<Token> {
+        let t = self.pop();
+        if t.is_none() {
+            self.error("premature EOI".into());
+        }
+        t
+    }
+
     fn text(&self, t: Token) -> &'a [u8] {
         &self.text[t.start as usize..(t.start + t.len) as usize]
     }
@@ -450,10 +468,7 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_value(&mut self) -> Option<Value> {
-        let Some(tok) = self.peek() else {
-            self.error("premature EOI".into());
-            return None;
-        };
+        let tok = self.peek_or_eoi()?;
         match tok.kind {
             LCURLY => self.parse_object(),
             LSQUARE => self.parse_array(),
@@ -467,8 +482,7 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_pair(&mut self, map: &mut Map<String, Value>) -> bool {
-        if self.peek().is_none() {
-            self.error("premature EOI".into());
+        if self.peek_or_eoi().is_none() {
             return false;
         }
         let key = self.parse_value();
@@ -479,8 +493,7 @@ impl<'a> Parser<'a> {
                 return false;
             }
         };
-        let Some(tok) = self.pop() else {
-            self.error("premature EOI".into());
+        let Some(tok) = self.pop_or_eoi() else {
             return false;
         };
         if tok.kind != COLON {
@@ -500,90 +513,67 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_object(&mut self) -> Option<Value> {
-        let first = self.pop();
-        debug_assert!(matches!(first, Some(Token { kind: LCURLY, .. })));
         let mut map = Map::new();
-        let Some(peek) = self.peek() else {
-            self.error("premature EOI".into());
-            return None;
-        };
-        if peek.kind != RCURLY {
-            if !self.parse_pair(&mut map) {
-                return None;
-            }
-            let Some(mut tok) = self.pop() else {
-                self.error("premature EOI".into());
-                return None;
-            };
-            while tok.kind != RCURLY {
-                if tok.kind != COMMA {
-                    self.error("expected separator in dict".into());
-                    return None;
-                }
-                if !self.parse_pair(&mut map) {
-                    return None;
-                }
-                match self.pop() {
-                    Some(t) => tok = t,
-                    None => {
-                        self.error("premature EOI".into());
-                        return None;
-                    }
-                }
-            }
-        } else {
-            self.pop();
-        }
+        self.parse_items(LCURLY, RCURLY, "expected separator in dict", |p| {
+            p.parse_pair(&mut map)
+        })?;
         Some(Value::Object(map))
     }
 
     fn parse_array(&mut self) -> Option<Value> {
-        let first = self.pop();
-        debug_assert!(matches!(first, Some(Token { kind: LSQUARE, .. })));
         let mut list = Vec::new();
-        let Some(peek) = self.peek() else {
-            self.error("premature EOI".into());
-            return None;
-        };
-        if peek.kind != RSQUARE {
-            let Some(v) = self.parse_value() else {
-                self.error("expecting value".into());
-                return None;
-            };
-            list.push(v);
-            let Some(mut tok) = self.pop() else {
-                self.error("premature EOI".into());
-                return None;
-            };
-            while tok.kind != RSQUARE {
-                if tok.kind != COMMA {
-                    self.error("expected separator in list".into());
-                    return None;
+        self.parse_items(
+            LSQUARE,
+            RSQUARE,
+            "expected separator in list",
+            |p| match p.parse_value() {
+                Some(v) => {
+                    list.push(v);
+                    true
                 }
-                let Some(v) = self.parse_value() else {
-                    self.error("expecting value".into());
-                    return None;
-                };
-                list.push(v);
-                match self.pop() {
-                    Some(t) => tok = t,
-                    None => {
-                        self.error("premature EOI".into());
-                        return None;
-                    }
+                None => {
+                    p.error("expecting value".into());
+                    false
                 }
-            }
-        } else {
-            self.pop();
-        }
+            },
+        )?;
         Some(Value::Array(list))
     }
 
-    fn parse_keyword(&mut self) -> Option<Value> {
-        let Some(tok) = self.pop() else {
-            self.error("premature EOI".into());
+    /// The items of an object or array, from `open` to `close`: `item` parses one and says
+    /// whether it could.
+    fn parse_items(
+        &mut self,
+        open: u8,
+        close: u8,
+        separator_error: &str,
+        mut item: impl FnMut(&mut Self) -> bool,
+    ) -> Option<()> {
+        let first = self.pop();
+        debug_assert!(matches!(first, Some(Token { kind, .. }) if kind == open));
+        if self.peek_or_eoi()?.kind == close {
+            self.pop();
+            return Some(());
+        }
+        if !item(self) {
             return None;
-        };
+        }
+        let mut tok = self.pop_or_eoi()?;
+        while tok.kind != close {
+            if tok.kind != COMMA {
+                self.error(separator_error.into());
+                return None;
+            }
+            if !item(self) {
+                return None;
+            }
+            tok = self.pop_or_eoi()?;
+        }
+        Some(())
+    }
+
+    fn parse_keyword(&mut self) -> Option<Value> {
+        let tok = self.pop_or_eoi()?;
         match self.text(tok) {
             b"true" => Some(Value::Bool(true)),
             b"false" => Some(Value::Bool(false)),
@@ -597,10 +587,7 @@ impl<'a> Parser<'a> {
     }
 
     fn parse_literal(&mut self) -> Option<Value> {
-        let Some(tok) = self.pop() else {
-            self.error("premature EOI".into());
-            return None;
-        };
+        let tok = self.pop_or_eoi()?;
         let text = self.text(tok);
         match tok.kind {
             STRING => self.parse_string(text).map(Value::String),

@@ -26,7 +26,7 @@ use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageC
 use serde_json::{Map, Value};
 
 use super::bitmap::DirtyBitmap;
-use super::qcow2_bitmaps::{self, ImageBitmaps};
+use super::qcow2_bitmaps::{self, be32, be64, ImageBitmaps};
 use super::{BlockDriver, BlockNode, CacheMode, DiscardMode, Extent, OpenContext, ZeroFlags};
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
@@ -156,18 +156,6 @@ struct HeaderInfo {
     compression_type: u8,
     crypt_method: u32,
     snapshots: u32,
-}
-
-fn be32(buf: &[u8], at: usize) -> Option<u32> {
-    buf.get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-}
-
-fn be64(buf: &[u8], at: usize) -> Option<u64> {
-    buf.get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
 }
 
 fn read_at(node: &BlockNode, offset: u64, len: usize) -> Result<Vec<u8>, String> {

@@ -39,11 +39,11 @@ fn be16(buf: &[u8], at: usize) -> Option<u16> {
     buf.get(at..at + 2)?.try_into().ok().map(u16::from_be_bytes)
 }
 
-fn be32(buf: &[u8], at: usize) -> Option<u32> {
+pub(super) fn be32(buf: &[u8], at: usize) -> Option<u32> {
     buf.get(at..at + 4)?.try_into().ok().map(u32::from_be_bytes)
 }
 
-fn be64(buf: &[u8], at: usize) -> Option<u64> {
+pub(super) fn be64(buf: &[u8], at: usize) -> Option<u64> {
     buf.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes)
 }
 

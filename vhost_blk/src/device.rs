@@ -597,10 +597,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_available_index_beyond_the_ring_does_not_spin_the_worker() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    /// A ready 16-entry vring on the rings `mock` laid out in `mem`.
+    fn ready_vring(
+        mem: &GuestMemoryMmap,
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+    ) -> VringRwLock {
         let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 16).unwrap();
         vring.set_queue_size(16);
         vring
@@ -611,6 +612,14 @@ mod tests {
             )
             .unwrap();
         vring.set_queue_ready(true);
+        vring
+    }
+
+    #[test]
+    fn an_available_index_beyond_the_ring_does_not_spin_the_worker() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let vring = ready_vring(&mem, &mock);
         vring.set_queue_event_idx(true);
         let mut config = BlkConfig::new("bad-index");
         config.num_queues = 1;
@@ -637,16 +646,7 @@ mod tests {
     fn polling_sees_a_chain_that_arrives_within_the_window() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mut mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
+        let vring = ready_vring(&mem, &mock);
         // Nothing arrives: the whole window passes.
         let start = Instant::now();
         assert!(!BlkBackend::poll_for_chains(
