@@ -6,7 +6,7 @@ use std::io::{self, ErrorKind};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use crate::proto::{Extent, STATE_HOLE, STATE_ZERO};
@@ -30,6 +30,8 @@ pub struct MemBackend {
     read_delay: Option<Duration>,
     flushes: AtomicUsize,
     fua_writes: AtomicUsize,
+    /// Names of the threads that served writes, one entry per thread.
+    write_threads: Mutex<Vec<String>>,
 }
 
 fn range_error(offset: u64, len: u64, size: usize) -> io::Error {
@@ -52,6 +54,7 @@ impl MemBackend {
             read_delay: None,
             flushes: AtomicUsize::new(0),
             fua_writes: AtomicUsize::new(0),
+            write_threads: Mutex::new(Vec::new()),
         }
     }
 
@@ -75,6 +78,14 @@ impl MemBackend {
     /// Writes received with FUA so far.
     pub fn fua_writes(&self) -> usize {
         self.fua_writes.load(Ordering::SeqCst)
+    }
+
+    /// Names of the threads that have served writes (each once).
+    pub fn write_threads(&self) -> Vec<String> {
+        self.write_threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A copy of the whole disk.
@@ -154,6 +165,11 @@ impl ExportBackend for MemBackend {
         }
         if fua {
             self.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        let mut threads = self.write_threads.lock().unwrap_or_else(|p| p.into_inner());
+        if !threads.contains(&name) {
+            threads.push(name);
         }
         Ok(())
     }

@@ -9,7 +9,7 @@
 //! Before the reader sleeps on the socket it polls it for a while (see [`crate::poll`]);
 //! large reads from files are spliced (see [`crate::splice`]).
 
-use std::io::{self, BufReader, ErrorKind, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, IoSlice, Read, Write};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -53,9 +53,11 @@ const BATCH_FLUSH: usize = 64 * 1024;
 const SLOW_BASE: Duration = Duration::from_micros(100);
 /// 2 bytes per ns (2 GB/s) is slower than any page-cache copy.
 const SLOW_BYTES_PER_NS: u64 = 2;
-/// A request this slow is no accident of scheduling: the pool takes over at once.
+/// A request this slow (plus the time to move its bytes) is no accident of scheduling: the
+/// pool takes over at once.
 const VERY_SLOW: Duration = Duration::from_millis(10);
-/// Largest READ or WRITE the reader serves itself...
+/// Largest READ the reader serves itself (WRITEs of any size are cheap: their payload is
+/// already in hand, and a hand-off costs a wake-up per request for no gain in throughput)...
 const INLINE_MAX: u64 = 256 * 1024;
 /// ... or READ, when it is spliced (one pipe's worth).
 const SPLICE_MAX_READ: u64 = 1024 * 1024;
@@ -142,17 +144,14 @@ impl InFlight {
 }
 
 /// Requests whose service is normally a short memory copy or a metadata lookup. The others
-/// may wait for the disk (or are rare) and always go to the pool; so do large transfers,
-/// which gain from copying on one thread while another sends. Except spliced reads: no copy
-/// at all, and several threads would only take turns at the socket.
+/// may wait for the disk (or are rare) and always go to the pool; so do large reads, which
+/// gain from copying on one thread while another sends. Except spliced reads: no copy at
+/// all, and several threads would only take turns at the socket.
 fn is_cheap(h: &RequestHeader, splicing: bool) -> bool {
-    if h.length > INLINE_MAX {
-        return splicing
-            && h.command == proto::CMD_READ
-            && h.length <= SPLICE_MAX_READ
-            && h.flags & proto::CMD_FLAG_FUA == 0;
-    }
     match h.command {
+        proto::CMD_READ if h.length > INLINE_MAX => {
+            splicing && h.length <= SPLICE_MAX_READ && h.flags & proto::CMD_FLAG_FUA == 0
+        }
         proto::CMD_READ | proto::CMD_WRITE => h.flags & proto::CMD_FLAG_FUA == 0,
         proto::CMD_BLOCK_STATUS => true,
         _ => false,
@@ -214,6 +213,7 @@ pub(crate) fn run(
     let mut inline = true;
     let poll_max = session.export.config.poll_max;
     let mut poll = (!poll_max.is_zero()).then(|| PollWindow::new(poll_max));
+    let mut after_large_payload = false;
 
     loop {
         // Reading may block: the client must have every reply it can get first.
@@ -227,7 +227,7 @@ pub(crate) fn run(
                 let _ = poll.wait_readable(socket);
             }
         }
-        let request = match session.read_request(&mut reader) {
+        let request = match session.read_request(&mut reader, &mut after_large_payload) {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
@@ -256,12 +256,8 @@ pub(crate) fn run(
             }
         }
         // Alone (nothing running, nothing more queued), a request gains nothing from a
-        // hand-off. Except a large write: the next payload may be on its way already (the
-        // buffer cannot tell, since large payloads bypass it), and the socket must be read
-        // while this one goes to the disk.
-        let large_write =
-            request.header.command == proto::CMD_WRITE && request.header.length > INLINE_MAX;
-        let alone = reader.buffer().is_empty() && in_flight.idle() && !large_write;
+        // hand-off.
+        let alone = reader.buffer().is_empty() && in_flight.idle();
         if alone || (inline && cheap) {
             let len = request.header.length;
             let busy = session.handle(request, Sink::Batch(&mut batch));
@@ -330,6 +326,15 @@ fn spawn_worker(
         })
 }
 
+/// Fills `buf` with what `reader` holds, then straight from the socket: the tail of a large
+/// payload must not be read ahead into the buffer along with the next request.
+fn read_unbuffered(reader: &mut BufReader<Box<dyn Stream>>, buf: &mut [u8]) -> io::Result<()> {
+    let held = reader.buffer().len().min(buf.len());
+    buf[..held].copy_from_slice(&reader.buffer()[..held]);
+    reader.consume(held);
+    reader.get_mut().read_exact(&mut buf[held..])
+}
+
 fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut done = 0;
     while done < buf.len() {
@@ -356,7 +361,7 @@ fn invalid(msg: String) -> io::Error {
 impl Session {
     /// Record how long a cheap request kept the backend busy (see `slow_history`).
     fn note_service(&self, busy: Duration, len: u64) {
-        if busy >= VERY_SLOW {
+        if busy >= VERY_SLOW + Duration::from_nanos(len / SLOW_BYTES_PER_NS) {
             self.slow_history.store(u64::MAX, Ordering::Relaxed);
             return;
         }
@@ -389,10 +394,23 @@ impl Session {
     }
 
     /// Next request with its payload; `None` on a clean end (EOF between requests, DISC).
-    fn read_request(&self, reader: &mut BufReader<Box<dyn Stream>>) -> io::Result<Option<Request>> {
+    /// After a large payload (`after_large_payload`, updated here) the header is read on its
+    /// own: read-ahead would mostly catch the next large payload, which then costs a second
+    /// copy out of the buffer.
+    fn read_request(
+        &self,
+        reader: &mut BufReader<Box<dyn Stream>>,
+        after_large_payload: &mut bool,
+    ) -> io::Result<Option<Request>> {
+        let unbuffered = std::mem::take(after_large_payload) && reader.buffer().is_empty();
         let header = if self.extended() {
             let mut b = [0u8; proto::EXTENDED_REQUEST_SIZE];
-            if !read_exact_or_eof(reader, &mut b)? {
+            let got = if unbuffered {
+                read_exact_or_eof(reader.get_mut(), &mut b)?
+            } else {
+                read_exact_or_eof(reader, &mut b)?
+            };
+            if !got {
                 return Ok(None);
             }
             RequestHeader::decode_extended(&b).ok_or_else(|| {
@@ -403,7 +421,12 @@ impl Session {
             })?
         } else {
             let mut b = [0u8; proto::REQUEST_SIZE];
-            if !read_exact_or_eof(reader, &mut b)? {
+            let got = if unbuffered {
+                read_exact_or_eof(reader.get_mut(), &mut b)?
+            } else {
+                read_exact_or_eof(reader, &mut b)?
+            };
+            if !got {
                 return Ok(None);
             }
             RequestHeader::decode_compact(&b).ok_or_else(|| {
@@ -436,7 +459,12 @@ impl Session {
             return Err(invalid(msg));
         }
         let mut payload = self.take_buffer(header.length as usize);
-        reader.read_exact(&mut payload)?;
+        if payload.len() >= READ_BUFFER {
+            read_unbuffered(reader, &mut payload)?;
+            *after_large_payload = true;
+        } else {
+            reader.read_exact(&mut payload)?;
+        }
         Ok(Some(Request { header, payload }))
     }
 
@@ -1168,6 +1196,82 @@ mod tests {
         let mut expect = pattern(65536, 1)[..32768].to_vec();
         expect[8192..16384].fill(0);
         assert_eq!(r.data, expect);
+    }
+
+    /// Writes on both sides of the read-ahead size, sent back to back with reads between
+    /// them before any reply is read, so that headers and payloads straddle the reader's
+    /// buffer in every way; with compact and with extended headers.
+    #[test]
+    fn pipelined_writes_of_any_size_land_intact() {
+        for extended in [false, true] {
+            let backend = Arc::new(MemBackend::new(8 * MIB));
+            let server = Server::new(ServerConfig::default());
+            let config = ExportConfig {
+                name: "e".into(),
+                ..ExportConfig::default()
+            };
+            server
+                .add_export(config, Arc::clone(&backend) as _)
+                .unwrap();
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            server.serve_client(Box::new(theirs), Box::new(|| {}));
+            let mut c = Client::connect(Box::new(ours), "e", extended, &[]).unwrap();
+            let sizes = [
+                65536,
+                3,
+                MIB as usize,
+                4096,
+                65537,
+                200_000,
+                65535,
+                2 * MIB as usize,
+            ];
+            let mut expected = vec![0u8; 8 * MIB as usize];
+            let mut offset = 0usize;
+            let mut writes = Vec::new();
+            for (i, &len) in sizes.iter().enumerate() {
+                let data = pattern(len, i as u8 + 1);
+                expected[offset..offset + len].copy_from_slice(&data);
+                let cookie = c
+                    .send_request(0, proto::CMD_WRITE, offset as u64, len as u64, &data)
+                    .unwrap();
+                writes.push(cookie);
+                c.send_request(0, proto::CMD_READ, 0, 512, &[]).unwrap();
+                offset += len + 1000;
+            }
+            for _ in 0..2 * sizes.len() {
+                let r = c.receive_reply().unwrap();
+                assert_eq!(r.error, None, "extended {extended}");
+            }
+            assert_eq!(
+                c.read(0, 8 * MIB as u32 - 1, 0).unwrap(),
+                expected[..8 * MIB as usize - 1]
+            );
+            assert_eq!(backend.contents(), expected, "extended {extended}");
+        }
+    }
+
+    #[test]
+    fn large_writes_are_served_by_the_reader() {
+        let backend = Arc::new(MemBackend::new(8 * MIB));
+        let mut c = connect(Arc::clone(&backend), 32);
+        // A client at QD8: no hand-off to worker threads, whose wake-ups would cost more
+        // CPU time than they save.
+        for round in 0..4u64 {
+            let cookies: Vec<u64> = (0..8u64)
+                .map(|i| {
+                    let data = pattern(MIB as usize, (round * 8 + i) as u8);
+                    c.send_request(0, proto::CMD_WRITE, i * MIB, MIB, &data)
+                        .unwrap()
+                })
+                .collect();
+            for _ in &cookies {
+                assert_eq!(c.receive_reply().unwrap().error, None);
+            }
+        }
+        let threads = backend.write_threads();
+        assert_eq!(threads.len(), 1, "writes served by {threads:?}");
+        assert!(threads[0].starts_with("nbd-client-"), "{threads:?}");
     }
 
     #[test]
