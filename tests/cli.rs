@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{have, wait_for_path, Daemon, Impl, BLKD, QSD};
+use common::{wait_for_path, Daemon, Impl, BLKD, QSD};
 use serde_json::json;
 
 /// Runs a command line that must fail at start-up; returns the message after
@@ -192,7 +192,7 @@ fn daemonize_returns_after_startup_and_reports_errors() {
             .to_str(),
         Some("/")
     );
-    if have("nbdinfo") {
+    if !common::missing_tools(&["nbdinfo"]) {
         let out = common::run_ok(
             "nbdinfo",
             &[

@@ -10,12 +10,11 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{have, BLKD};
+use common::BLKD;
 
 /// Runs the script against `daemon`; panics with its whole report on failure.
 fn run_guest_test(daemon: &str, extra_args: &[&str]) {
-    if !have("qemu-system-x86_64") {
-        eprintln!("skipping the guest test: qemu-system-x86_64 is not installed");
+    if common::missing_tools(&["qemu-system-x86_64"]) {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-test.sh");

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{have, run, run_ok, Daemon, Impl};
+use common::{run, run_ok, Daemon, Impl};
 use serde_json::{json, Value};
 
 const PY: &str = "/usr/bin/python3";
@@ -51,19 +51,9 @@ fn uri(d: &Daemon) -> String {
     format!("nbd+unix:///disk?socket={}", d.path("nbd.sock").display())
 }
 
-fn skip_without(tools: &[&str]) -> bool {
-    for t in tools {
-        if !have(t) {
-            eprintln!("skipping: {t} is not installed");
-            return true;
-        }
-    }
-    false
-}
-
 #[test]
 fn nbdinfo_json_list_and_map_match_qsd() {
-    if skip_without(&["nbdinfo"]) {
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let mut outputs = Vec::new();
@@ -208,7 +198,7 @@ fn qemu_io_patterns_and_qemu_img_over_unix_and_tcp() {
 
 #[test]
 fn nbdsh_flags_contexts_and_many_requests_in_flight() {
-    if skip_without(&["nbdsh"]) || !std::path::Path::new(PY).exists() {
+    if common::missing_tools(&["nbdsh", PY]) {
         return;
     }
     let d = start(Impl::Blkd, true, "");
@@ -268,7 +258,7 @@ print("ok")
 
 #[test]
 fn nbdcopy_round_trip_keeps_checksums() {
-    if skip_without(&["nbdcopy"]) {
+    if common::missing_tools(&["nbdcopy"]) {
         return;
     }
     let d = start(Impl::Blkd, true, "");
@@ -286,7 +276,7 @@ fn nbdcopy_round_trip_keeps_checksums() {
 
 #[test]
 fn fio_verify_with_several_connections() {
-    if skip_without(&["fio"]) {
+    if common::missing_tools(&["fio"]) {
         return;
     }
     let d = start(Impl::Blkd, true, "");
@@ -342,7 +332,7 @@ fn fio_verify_with_several_connections() {
 
 #[test]
 fn max_connections_makes_extra_clients_wait() {
-    if skip_without(&["nbdinfo"]) {
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let d = start(Impl::Blkd, true, ",max-connections=1");
@@ -433,7 +423,7 @@ fn null_co_reads_never_show_earlier_request_data() {
 
 #[test]
 fn tcp_ipv6_and_inherited_fd_listeners() {
-    if skip_without(&["nbdinfo"]) {
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     // IPv6 loopback, when the machine has it.

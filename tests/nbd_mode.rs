@@ -6,12 +6,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{have, run_ok, wait_for_path, BLKD};
+use common::{run_ok, wait_for_path, BLKD};
 
 #[test]
 fn serves_a_qcow2_image_read_only_with_allocation_depth() {
-    if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -52,8 +51,7 @@ fn serves_a_qcow2_image_read_only_with_allocation_depth() {
 
 #[test]
 fn exits_after_the_last_client_without_persistent() {
-    if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -87,8 +85,7 @@ fn exits_after_the_last_client_without_persistent() {
 
 #[test]
 fn socket_activation_from_libnbd() {
-    if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,18 +7,11 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{have, run_ok, Daemon, Impl};
+use common::{run_ok, Daemon, Impl};
 use serde_json::{json, Value};
 
 fn tools_present() -> bool {
-    let missing: Vec<_> = ["nbdinfo", "qemu-io", "qemu-img", common::QSD]
-        .into_iter()
-        .filter(|p| !have(p))
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("skipping: {missing:?} not installed");
-    }
-    missing.is_empty()
+    !common::missing_tools(&["nbdinfo", "qemu-io", "qemu-img", common::QSD])
 }
 
 /// Starts `which` on the qcow2 image `img` as node `n0`, with an NBD server

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{have, run_ok, Daemon, Impl};
+use common::{run_ok, Daemon, Impl};
 use serde_json::{json, Value};
 use vhost_blk::test_utils::{Client, ClientOptions};
 
@@ -73,8 +73,7 @@ fn start_on_chain(which: Impl, layers: usize) -> Daemon {
 
 #[test]
 fn allocation_depth_and_base_allocation_maps_match_qsd() {
-    if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     for layers in [2, 3] {
@@ -138,8 +137,7 @@ fn dirty_extents(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
 
 #[test]
 fn incremental_backup_through_dirty_bitmap() {
-    if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+    if common::missing_tools(&["nbdinfo"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -51,6 +51,10 @@ fn qemu_qmp_client_drives_blkd() {
             .is_ok_and(|s| s.success())
     });
     let Some(python) = python else {
+        assert!(
+            std::env::var_os("BLKD_TESTS_NEED_TOOLS").is_none(),
+            "no python3 with qemu.qmp, though scripts/install-deps.sh should have installed it"
+        );
         eprintln!("skipping: no python3 with qemu.qmp (scripts/install-deps.sh installs it)");
         return;
     };

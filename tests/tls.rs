@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{have, run, Daemon, Impl};
+use common::{run, Daemon, Impl};
 use serde_json::{json, Value};
 
 /// Python with the system's ssl module (not a pyenv one).
@@ -18,13 +18,12 @@ const PY: &str = "/usr/bin/python3";
 const TOOLS: &[&str] = &["certtool", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"];
 
 fn skip() -> bool {
-    for tool in TOOLS.iter().chain(&["qemu-storage-daemon"]) {
-        if !have(tool) {
-            eprintln!("skipping: {tool} is not installed");
-            return true;
-        }
-    }
-    false
+    let tools: Vec<&str> = TOOLS
+        .iter()
+        .chain(&["qemu-storage-daemon"])
+        .copied()
+        .collect();
+    common::missing_tools(&tools)
 }
 
 fn certtool(args: &[&str]) {
@@ -645,7 +644,7 @@ fn qmp_tls_objects_and_late_authz() {
 /// blkd refuses a tls-authz it could not enforce (QEMU silently lets everyone in).
 #[test]
 fn blkd_refuses_authz_without_verify_peer() {
-    if !have("certtool") {
+    if common::missing_tools(&["certtool"]) {
         return;
     }
     let certs_dir = tempfile::tempdir().unwrap();
@@ -704,7 +703,7 @@ except (ssl.SSLError, OSError, EOFError) as e:
 
 #[test]
 fn certificates_from_another_ca_or_expired_are_refused() {
-    if skip() || !have(PY) {
+    if skip() || common::missing_tools(&[PY]) {
         return;
     }
     let certs_dir = tempfile::tempdir().unwrap();

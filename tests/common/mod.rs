@@ -30,6 +30,24 @@ impl Impl {
     }
 }
 
+/// Whether a test must skip because some of `tools` (programs on PATH, or paths) are not
+/// installed. Under `scripts/test.sh`, which installs them all and sets
+/// `BLKD_TESTS_NEED_TOOLS`, a missing tool fails the test instead: a broken install must not
+/// pass as a green run.
+pub fn missing_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return false;
+    }
+    if std::env::var_os("BLKD_TESTS_NEED_TOOLS").is_some() {
+        panic!(
+            "{missing:?} not installed, though scripts/install-deps.sh should have installed them"
+        );
+    }
+    eprintln!("skipping: {missing:?} not installed");
+    true
+}
+
 /// Whether an external program is on PATH.
 pub fn have(program: &str) -> bool {
     Command::new("sh")

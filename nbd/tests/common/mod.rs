@@ -64,7 +64,9 @@ impl Fixture {
     }
 }
 
-/// Whether an external program can be run; prints why a test is skipped when not.
+/// Whether an external program can be run; prints why a test is skipped when not. Under
+/// `scripts/test.sh`, which installs every tool and sets `BLKD_TESTS_NEED_TOOLS`, a missing
+/// one fails the test instead.
 pub fn have(program: &str) -> bool {
     let ok = Command::new(program)
         .arg("--version")
@@ -72,9 +74,17 @@ pub fn have(program: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIP: {program} is not installed");
+        skip(&format!("{program} is not installed"));
     }
     ok
+}
+
+/// Says why a test is skipped, or fails it when every tool should be there.
+pub fn skip(why: &str) {
+    if std::env::var_os("BLKD_TESTS_NEED_TOOLS").is_some() {
+        panic!("{why}: scripts/test.sh installs every tool the tests use");
+    }
+    eprintln!("SKIP: {why}");
 }
 
 /// Run a command, assert success, return stdout.
