@@ -62,6 +62,9 @@ const VERY_SLOW: Duration = Duration::from_millis(10);
 const INLINE_MAX: u64 = 256 * 1024;
 /// ... or READ, when it is spliced (one pipe's worth).
 const SPLICE_MAX_READ: u64 = 1024 * 1024;
+/// WRITEs from this size on are written while their payload arrives. Smaller ones land
+/// whole or not at all.
+const STREAM_MIN: u64 = 256 * 1024;
 /// The reader hands cheap requests to the pool once this many of the last 64 were slow...
 const SLOW_TO_POOL: u32 = 4;
 /// ... and serves them again once at most this many of the last 64 were.
@@ -73,6 +76,15 @@ const STATUS_LOOKAHEAD: u64 = 1 << 30;
 struct Request {
     header: RequestHeader,
     payload: Vec<u8>,
+}
+
+/// What the reader took off the socket.
+enum Incoming {
+    /// A request with its whole payload.
+    Whole(Request),
+    /// A large WRITE whose payload is still on the socket: it is written piece by piece as
+    /// it arrives (see [`Session::stream_write`]).
+    LargeWrite(RequestHeader),
 }
 
 type CommandError = (u32, String);
@@ -228,8 +240,19 @@ pub(crate) fn run(
                 let _ = poll.wait_readable(socket);
             }
         }
-        let request = match session.read_request(&mut reader, &mut after_large_payload) {
-            Ok(Some(r)) => r,
+        let request = match session.read_request(&mut reader, &mut after_large_payload, inline) {
+            Ok(Some(Incoming::Whole(r))) => r,
+            Ok(Some(Incoming::LargeWrite(header))) => {
+                match session.stream_write(&mut reader, &header, Sink::Batch(&mut batch)) {
+                    Ok(busy) => session.note_service(busy, header.length),
+                    Err(e) => {
+                        debug!("NBD client {id}: connection lost inside a WRITE payload: {e}");
+                        break;
+                    }
+                }
+                after_large_payload = true;
+                continue;
+            }
             Ok(None) => break,
             Err(e) => {
                 if !session.broken.load(Ordering::SeqCst) {
@@ -434,12 +457,14 @@ impl Session {
     /// Next request with its payload; `None` on a clean end (EOF between requests, DISC).
     /// After a large payload (`after_large_payload`, updated here) the header is read on its
     /// own: read-ahead would mostly catch the next large payload, which then costs a second
-    /// copy out of the buffer.
+    /// copy out of the buffer. With `stream_writes` (the reader serves cheap requests
+    /// itself), a large valid WRITE is returned with its payload still to be read.
     fn read_request(
         &self,
         reader: &mut BufReader<Box<dyn Stream>>,
         after_large_payload: &mut bool,
-    ) -> io::Result<Option<Request>> {
+        stream_writes: bool,
+    ) -> io::Result<Option<Incoming>> {
         let unbuffered = std::mem::take(after_large_payload) && reader.buffer().is_empty();
         let header = if self.extended() {
             let mut b = [0u8; proto::EXTENDED_REQUEST_SIZE];
@@ -481,10 +506,10 @@ impl Session {
         let has_payload = header.command == proto::CMD_WRITE
             || (self.extended() && header.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
         if !has_payload {
-            return Ok(Some(Request {
+            return Ok(Some(Incoming::Whole(Request {
                 header,
                 payload: Vec::new(),
-            }));
+            })));
         }
         if header.length > u64::from(proto::MAX_PAYLOAD) {
             // The stream cannot be trusted to stay in sync: say why, then hang up.
@@ -496,6 +521,14 @@ impl Session {
             self.send_error(Sink::Socket, &header, proto::EINVAL, &msg);
             return Err(invalid(msg));
         }
+        if stream_writes
+            && header.command == proto::CMD_WRITE
+            && header.flags & proto::CMD_FLAG_FUA == 0
+            && header.length >= STREAM_MIN
+            && self.validate(&header).is_ok()
+        {
+            return Ok(Some(Incoming::LargeWrite(header)));
+        }
         let mut payload = self.take_buffer(header.length as usize);
         if payload.len() >= READ_BUFFER {
             read_unbuffered(reader, &mut payload)?;
@@ -503,7 +536,61 @@ impl Session {
         } else {
             reader.read_exact(&mut payload)?;
         }
-        Ok(Some(Request { header, payload }))
+        Ok(Some(Incoming::Whole(Request { header, payload })))
+    }
+
+    /// Serve a large, valid WRITE while its payload arrives: every piece read goes to the
+    /// backend at once, so the client refills the socket while the backend copies, and the
+    /// piece is still in the CPU's cache when it is copied again. Measured against reading
+    /// the whole payload first, this costs about a quarter less CPU time per MiB and moves
+    /// more MiB/s. The price: when the client vanishes halfway, what had arrived has landed
+    /// (a torn write, as on a disk losing power; the write was never acknowledged). A failed
+    /// piece does not stop the reading: the stream must stay in step, and the reply carries
+    /// the error. Returns how long the backend was busy.
+    fn stream_write(
+        &self,
+        reader: &mut BufReader<Box<dyn Stream>>,
+        h: &RequestHeader,
+        sink: Sink<'_>,
+    ) -> io::Result<Duration> {
+        let len = h.length as usize;
+        let mut buf = self.take_buffer(len.min(MAX_KEPT_BUFFER));
+        let mut done = 0;
+        let mut result = Ok(());
+        let mut busy = Duration::ZERO;
+        while done < len {
+            let want = (len - done).min(buf.len());
+            let n = if reader.buffer().is_empty() {
+                match reader.get_mut().read(&mut buf[..want]) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            format!("the client left {done} bytes into a {len}-byte WRITE"),
+                        ))
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let held = reader.buffer().len().min(want);
+                buf[..held].copy_from_slice(&reader.buffer()[..held]);
+                reader.consume(held);
+                held
+            };
+            if result.is_ok() {
+                let start = Instant::now();
+                result = self
+                    .export
+                    .backend
+                    .write_at(&buf[..n], h.offset + done as u64, false);
+                busy += start.elapsed();
+            }
+            done += n;
+        }
+        self.give_buffer(buf);
+        self.reply_to_command(sink, h, result);
+        Ok(busy)
     }
 
     /// A pipe with room for `len` bytes, if READ payloads are spliced on this connection.
