@@ -3,9 +3,9 @@
 //! ([`crate::ExportBackend::can_splice`]) and the connection is a plain socket; a read that
 //! does not fit a pipe is copied as usual.
 //!
-//! WRITE payloads are copied on purpose: socket → pipe → file measured slower and costlier
-//! than a read into a warm buffer and a pwrite (the page-cache copy dominates either way,
-//! and the pipe adds system calls).
+//! WRITE payloads are copied on purpose: socket → pipe → file measured no cheaper than
+//! reading each piece into a warm buffer and writing it while the rest arrives (the
+//! page-cache copy dominates either way, and the pipe adds system calls).
 
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

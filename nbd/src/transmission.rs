@@ -7,7 +7,8 @@
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
 //! again. Replies are written whole under the connection's send lock, in completion order.
 //! Before the reader sleeps on the socket it polls it for a while (see [`crate::poll`]);
-//! large reads from files are spliced (see [`crate::splice`]).
+//! large reads from files are spliced (see [`crate::splice`]); large writes are written while
+//! their payload arrives (see [`Session::stream_write`]).
 
 use std::io::{self, BufRead, BufReader, ErrorKind, IoSlice, Read, Write};
 use std::ops::Range;
