@@ -142,7 +142,7 @@ pub struct Extent {
     pub flags: u64,
 }
 
-/// QEMU's names for options, used in error messages ("Unsupported option 99 (<unknown>)").
+/// QEMU's names for options, used in error messages (`Unsupported option 99 (<unknown>)`).
 pub fn option_name(option: u32) -> &'static str {
     match option {
         OPT_EXPORT_NAME => "export name",
