@@ -119,7 +119,8 @@ pub trait ExportBackend: Send + Sync {
     ) -> io::Result<()>;
     /// Whether [`ExportBackend::splice_out`] works: the export's bytes are a plain file
     /// range in the page cache. Then large READ payloads go from the file to the socket
-    /// without being copied through the server.
+    /// without being copied through the server, and large WRITE payloads are written piece
+    /// by piece as they arrive.
     fn can_splice(&self) -> bool {
         false
     }

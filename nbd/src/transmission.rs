@@ -522,7 +522,10 @@ impl Session {
             self.send_error(Sink::Socket, &header, proto::EINVAL, &msg);
             return Err(invalid(msg));
         }
+        // Only onto a plain file range: a format driver would allocate (and fill) a cluster
+        // for the first piece and rewrite it for the next.
         if stream_writes
+            && self.export.backend.can_splice()
             && header.command == proto::CMD_WRITE
             && header.flags & proto::CMD_FLAG_FUA == 0
             && header.length >= STREAM_MIN

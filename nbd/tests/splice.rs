@@ -273,3 +273,57 @@ fn large_writes_land_while_their_payload_arrives() {
         round_trips(&s, &mut c, 50 + i as u8);
     }
 }
+
+/// Large WRITEs written while they arrive, pipelined with other requests so that headers
+/// and payloads straddle the reader's buffer, with compact and with extended headers; one
+/// past the end is refused whole and the connection goes on.
+#[test]
+fn pipelined_streamed_writes_land_intact() {
+    let s = setup(SIZE);
+    for extended in [false, true] {
+        let mut c = Client::connect(s.unix(), "e", extended, &[]).unwrap();
+        let sizes = [
+            300 * 1024,
+            3,
+            MIB as usize + 5,
+            256 * 1024,
+            100,
+            2 * MIB as usize,
+        ];
+        let mut expected = s.file_bytes(0, SIZE as usize);
+        let mut offset = 0;
+        let mut sent = 0;
+        for (i, &len) in sizes.iter().enumerate() {
+            let data = pattern(len, i as u8 + 10 + u8::from(extended));
+            expected[offset..offset + len].copy_from_slice(&data);
+            c.send_request(0, proto::CMD_WRITE, offset as u64, len as u64, &data)
+                .unwrap();
+            c.send_request(0, proto::CMD_READ, 0, 512, &[]).unwrap();
+            sent += 2;
+            offset += len + 4096 + 7;
+        }
+        let too_far = c
+            .send_request(
+                0,
+                proto::CMD_WRITE,
+                SIZE - 4096,
+                512 * 1024,
+                &[1; 512 * 1024],
+            )
+            .unwrap();
+        sent += 1;
+        for _ in 0..sent {
+            let r = c.receive_reply().unwrap();
+            if r.cookie == too_far {
+                assert!(r.error.is_some(), "a write past the end was accepted");
+            } else {
+                assert_eq!(r.error, None, "extended {extended}");
+            }
+        }
+        assert!(
+            s.file_bytes(0, SIZE as usize) == expected,
+            "extended {extended}"
+        );
+        round_trips(&s, &mut c, 77);
+    }
+}
