@@ -354,13 +354,19 @@ fn spawn_worker(
 /// Fills `buf` with what `reader` holds, then straight from the socket: the tail of a large
 /// payload must not be read ahead into the buffer along with the next request.
 fn read_unbuffered(reader: &mut BufReader<Box<dyn Stream>>, buf: &mut [u8]) -> io::Result<()> {
-    let held = reader.buffer().len().min(buf.len());
-    buf[..held].copy_from_slice(&reader.buffer()[..held]);
-    reader.consume(held);
+    let held = take_held(reader, buf);
     match reader.get_ref().plain_socket() {
         Some(socket) => recv_all(socket, &mut buf[held..]),
         None => reader.get_mut().read_exact(&mut buf[held..]),
     }
+}
+
+/// Moves what `reader` already holds (at most `buf.len()` bytes) to the start of `buf`.
+fn take_held(reader: &mut BufReader<Box<dyn Stream>>, buf: &mut [u8]) -> usize {
+    let held = reader.buffer().len().min(buf.len());
+    buf[..held].copy_from_slice(&reader.buffer()[..held]);
+    reader.consume(held);
+    held
 }
 
 /// Fills `buf` from `socket` with MSG_WAITALL: one system call for a whole payload instead
@@ -467,39 +473,37 @@ impl Session {
         stream_writes: bool,
     ) -> io::Result<Option<Incoming>> {
         let unbuffered = std::mem::take(after_large_payload) && reader.buffer().is_empty();
-        let header = if self.extended() {
-            let mut b = [0u8; proto::EXTENDED_REQUEST_SIZE];
-            let got = if unbuffered {
-                read_exact_or_eof(reader.get_mut(), &mut b)?
-            } else {
-                read_exact_or_eof(reader, &mut b)?
-            };
-            if !got {
-                return Ok(None);
-            }
-            RequestHeader::decode_extended(&b).ok_or_else(|| {
-                invalid(format!(
-                    "invalid magic (got {:#x})",
-                    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-                ))
-            })?
+        let mut b = [0u8; proto::EXTENDED_REQUEST_SIZE];
+        let b = if self.extended() {
+            &mut b[..]
         } else {
-            let mut b = [0u8; proto::REQUEST_SIZE];
-            let got = if unbuffered {
-                read_exact_or_eof(reader.get_mut(), &mut b)?
-            } else {
-                read_exact_or_eof(reader, &mut b)?
-            };
-            if !got {
-                return Ok(None);
-            }
-            RequestHeader::decode_compact(&b).ok_or_else(|| {
-                invalid(format!(
-                    "invalid magic (got {:#x})",
-                    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-                ))
-            })?
+            &mut b[..proto::REQUEST_SIZE]
         };
+        let got = if unbuffered {
+            read_exact_or_eof(reader.get_mut(), b)?
+        } else {
+            read_exact_or_eof(reader, b)?
+        };
+        if !got {
+            return Ok(None);
+        }
+        let decoded = if self.extended() {
+            (&*b)
+                .try_into()
+                .ok()
+                .and_then(RequestHeader::decode_extended)
+        } else {
+            (&*b)
+                .try_into()
+                .ok()
+                .and_then(RequestHeader::decode_compact)
+        };
+        let header = decoded.ok_or_else(|| {
+            invalid(format!(
+                "invalid magic (got {:#x})",
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+            ))
+        })?;
         if header.command == proto::CMD_DISC {
             debug!("NBD client {}: disconnect requested", self.id);
             return Ok(None);
@@ -577,10 +581,7 @@ impl Session {
                     Err(e) => return Err(e),
                 }
             } else {
-                let held = reader.buffer().len().min(want);
-                buf[..held].copy_from_slice(&reader.buffer()[..held]);
-                reader.consume(held);
-                held
+                take_held(reader, &mut buf[..want])
             };
             if result.is_ok() {
                 let start = Instant::now();
