@@ -1,7 +1,8 @@
 //! Transmission phase. The reader thread decodes requests and serves the cheap ones (READ,
 //! WRITE, BLOCK_STATUS) itself, one after the other: on a page-cache-backed export these take
 //! microseconds, and a hand-off to another thread would cost more than the work. Their replies
-//! are gathered and written together once the reader has no buffered request left. Requests
+//! are gathered and written together once the reader has no buffered request left (over TCP,
+//! small replies wait a little longer for requests already on the socket). Requests
 //! that may wait for the disk (FLUSH, FUA, TRIM, WRITE_ZEROES, CACHE) go to a bounded pool of
 //! worker threads, and so does everything while the backend is seen to be slow (an inline
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
@@ -50,6 +51,12 @@ const BATCH_COPY_MAX: usize = 16 * 1024;
 /// The batch is written when it grows past this, even with more requests buffered, so that
 /// the client gets replies while the reader works through a long queue.
 const BATCH_FLUSH: usize = 64 * 1024;
+/// Over TCP every send is a trip through the network stack on both ends (about 4 us on
+/// loopback here), so a batch of small replies (WRITE, TRIM, FLUSH acknowledgements) up to this
+/// size waits while whole requests are already queued on the socket...
+const HOLD_MAX_BYTES: usize = 512;
+/// ... but never longer than this (plus one request's service time).
+const HOLD_MAX_WAIT: Duration = Duration::from_micros(100);
 /// A cheap request taking longer than this (plus 1 ns per [`SLOW_BYTES_PER_NS`] bytes moved)
 /// had to wait, not just work: the backend is slow, so the pool takes over.
 const SLOW_BASE: Duration = Duration::from_micros(100);
@@ -221,6 +228,10 @@ pub(crate) fn run(
     let (sender, receiver) = mpsc::sync_channel::<Request>(max_in_flight);
     let receiver = Arc::new(Mutex::new(receiver));
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let stream = RequestStream {
+        stream,
+        dont_wait: false,
+    };
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
     // Serve cheap requests on this thread (see the module comment).
@@ -228,14 +239,34 @@ pub(crate) fn run(
     let poll_max = session.export.config.poll_max;
     let mut poll = (!poll_max.is_zero()).then(|| PollWindow::new(poll_max));
     let mut after_large_payload = false;
+    let hold_replies = reader.get_ref().stream.plain_socket().is_some_and(is_tcp);
+    // When the reply batch began to wait for requests queued behind it.
+    let mut held_since: Option<Instant> = None;
 
     loop {
         // Reading may block: the client must have every reply it can get first.
-        if reader.buffer().is_empty() || !in_flight.is_below(max_in_flight) {
+        if batch.is_empty() {
+            held_since = None;
+        } else if !in_flight.is_below(max_in_flight) {
             session.flush_batch(&mut batch);
+            held_since = None;
+        } else if reader.buffer().is_empty() {
+            let hold = hold_replies
+                && inline
+                && batch.len() <= HOLD_MAX_BYTES
+                && !after_large_payload
+                && held_since.is_none_or(|since| since.elapsed() < HOLD_MAX_WAIT)
+                && read_queued(&mut reader);
+            if hold {
+                held_since.get_or_insert_with(Instant::now);
+            } else {
+                session.flush_batch(&mut batch);
+                held_since = None;
+            }
         }
         in_flight.wait_below(max_in_flight);
-        if let (Some(poll), Some(socket)) = (poll.as_mut(), reader.get_ref().plain_socket()) {
+        if let (Some(poll), Some(socket)) = (poll.as_mut(), reader.get_ref().stream.plain_socket())
+        {
             if reader.buffer().is_empty() {
                 // An error here shows again on the read below.
                 let _ = poll.wait_readable(socket);
@@ -353,16 +384,75 @@ fn spawn_worker(
 
 /// Fills `buf` with what `reader` holds, then straight from the socket: the tail of a large
 /// payload must not be read ahead into the buffer along with the next request.
-fn read_unbuffered(reader: &mut BufReader<Box<dyn Stream>>, buf: &mut [u8]) -> io::Result<()> {
+fn read_unbuffered(reader: &mut Reader, buf: &mut [u8]) -> io::Result<()> {
     let held = take_held(reader, buf);
-    match reader.get_ref().plain_socket() {
+    match reader.get_ref().stream.plain_socket() {
         Some(socket) => recv_all(socket, &mut buf[held..]),
         None => reader.get_mut().read_exact(&mut buf[held..]),
     }
 }
 
+/// The connection's receiving side, whose reads either wait for data or, while
+/// `dont_wait` is set, take only what is already queued (failing with `WouldBlock`).
+struct RequestStream {
+    stream: Box<dyn Stream>,
+    dont_wait: bool,
+}
+
+impl Read for RequestStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.stream.plain_socket() {
+            Some(socket) if self.dont_wait => {
+                // SAFETY: receives into `buf`, which is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(
+                        socket.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+            _ => self.stream.read(buf),
+        }
+    }
+}
+
+type Reader = BufReader<RequestStream>;
+
+/// Fills `reader`'s empty buffer with what the socket already holds, without waiting.
+/// Whether anything came (an error or the end of the stream shows again on the next read).
+fn read_queued(reader: &mut Reader) -> bool {
+    reader.get_mut().dont_wait = true;
+    let got = matches!(reader.fill_buf(), Ok(b) if !b.is_empty());
+    reader.get_mut().dont_wait = false;
+    got
+}
+
+/// Whether `socket` is a TCP connection (see [`HOLD_MAX_BYTES`]).
+fn is_tcp(socket: BorrowedFd<'_>) -> bool {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `domain` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && (domain == libc::AF_INET || domain == libc::AF_INET6)
+}
+
 /// Moves what `reader` already holds (at most `buf.len()` bytes) to the start of `buf`.
-fn take_held(reader: &mut BufReader<Box<dyn Stream>>, buf: &mut [u8]) -> usize {
+fn take_held(reader: &mut Reader, buf: &mut [u8]) -> usize {
     let held = reader.buffer().len().min(buf.len());
     buf[..held].copy_from_slice(&reader.buffer()[..held]);
     reader.consume(held);
@@ -468,7 +558,7 @@ impl Session {
     /// itself), a large valid WRITE is returned with its payload still to be read.
     fn read_request(
         &self,
-        reader: &mut BufReader<Box<dyn Stream>>,
+        reader: &mut Reader,
         after_large_payload: &mut bool,
         stream_writes: bool,
     ) -> io::Result<Option<Incoming>> {
@@ -557,7 +647,7 @@ impl Session {
     /// the error. Returns how long the backend was busy.
     fn stream_write(
         &self,
-        reader: &mut BufReader<Box<dyn Stream>>,
+        reader: &mut Reader,
         h: &RequestHeader,
         sink: Sink<'_>,
     ) -> io::Result<Duration> {
@@ -1240,15 +1330,19 @@ struct Segment {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{self, IoSlice, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsFd, BorrowedFd};
     use std::os::unix::net::UnixStream;
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use super::was_slow;
     use crate::client::Client;
     use crate::proto;
     use crate::test_utils::MemBackend;
-    use crate::{ExportConfig, Server, ServerConfig};
+    use crate::{ExportConfig, Server, ServerConfig, Stream};
 
     const MIB: u64 = 1024 * 1024;
 
@@ -1271,6 +1365,121 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
             .collect()
+    }
+
+    /// A TCP stream that counts its writes (shared by its clones) and, while `corked` holds
+    /// a buffer, gathers them there instead.
+    struct TestTcp {
+        inner: TcpStream,
+        writes: Arc<AtomicUsize>,
+        corked: Arc<Mutex<Option<Vec<u8>>>>,
+    }
+
+    impl TestTcp {
+        fn new(inner: TcpStream) -> Self {
+            TestTcp {
+                inner,
+                writes: Arc::default(),
+                corked: Arc::default(),
+            }
+        }
+    }
+
+    impl Read for TestTcp {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for TestTcp {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(held) = self.corked.lock().unwrap().as_mut() {
+                held.extend_from_slice(buf);
+                return Ok(buf.len());
+            }
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write(buf)
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            assert!(self.corked.lock().unwrap().is_none());
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write_vectored(bufs)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Stream for TestTcp {
+        fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
+            Ok(Box::new(TestTcp {
+                inner: self.inner.try_clone()?,
+                writes: Arc::clone(&self.writes),
+                corked: Arc::clone(&self.corked),
+            }))
+        }
+
+        fn shutdown(&self) -> io::Result<()> {
+            self.inner.shutdown(std::net::Shutdown::Both)
+        }
+
+        fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+            self.inner.set_read_timeout(timeout)
+        }
+
+        fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
+            Some(self.inner.as_fd())
+        }
+    }
+
+    #[test]
+    fn small_replies_wait_for_requests_already_queued_over_tcp() {
+        let backend = Arc::new(MemBackend::new(4 * MIB));
+        let server = Server::new(ServerConfig::default());
+        let config = ExportConfig {
+            name: "e".into(),
+            ..ExportConfig::default()
+        };
+        server.add_export(config, backend.clone()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let theirs = TestTcp::new(listener.accept().unwrap().0);
+        let server_writes = Arc::clone(&theirs.writes);
+        server.serve_client(Box::new(theirs), Box::new(|| {}));
+        let ours = TestTcp::new(ours);
+        let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
+        let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+        let data = pattern(100 * 1024, 3);
+        c.write(0, &data, 0).unwrap();
+
+        // A large WRITE, then two small READs, reaching the server in one send. The large
+        // payload is read up to its end and no further, so the first READ is alone in the
+        // server's buffer while the second one waits on the socket.
+        *cork.lock().unwrap() = Some(Vec::new());
+        let write = c.send_request(0, proto::CMD_WRITE, MIB, 0, &data).unwrap();
+        let first = c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
+        let second = c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
+        let burst = cork.lock().unwrap().take().unwrap();
+        server_writes.store(0, Ordering::SeqCst);
+        raw.write_all(&burst).unwrap();
+        let mut cookies = Vec::new();
+        for _ in 0..3 {
+            let r = c.receive_reply().unwrap();
+            assert_eq!(r.error, None);
+            if r.cookie == first || r.cookie == second {
+                let at = if r.cookie == first { 0 } else { 8 };
+                assert_eq!(r.data, &data[at..at + 8]);
+            }
+            cookies.push(r.cookie);
+        }
+        cookies.sort_unstable();
+        assert_eq!(cookies, vec![write, first, second]);
+        // The WRITE's reply goes at once (after a large payload nothing is read ahead); the
+        // first READ's waits for the second's.
+        assert_eq!(server_writes.load(Ordering::SeqCst), 2);
+        assert_eq!(&backend.contents()[MIB as usize..][..data.len()], &data[..]);
     }
 
     #[test]
