@@ -254,11 +254,12 @@ impl ExportBackend for MemBackend {
 
 /// A file as an export of a given size, with zero-copy reads (the file may be shorter than
 /// the export: reads past its end return zeroes and are not spliced). Counts the reads that
-/// took the splice path.
+/// took the splice path and records the size of every write.
 pub struct FileBackend {
     file: File,
     size: u64,
     spliced_out: AtomicUsize,
+    write_sizes: Mutex<Vec<usize>>,
 }
 
 impl FileBackend {
@@ -267,7 +268,13 @@ impl FileBackend {
             file,
             size,
             spliced_out: AtomicUsize::new(0),
+            write_sizes: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The sizes of the writes so far, in order; clears the record.
+    pub fn take_write_sizes(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.write_sizes.lock().unwrap())
     }
 
     /// READ payloads spliced from the file so far.
@@ -294,6 +301,7 @@ impl ExportBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+        self.write_sizes.lock().unwrap().push(buf.len());
         self.file.write_all_at(buf, offset)
     }
 

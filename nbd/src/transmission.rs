@@ -57,6 +57,12 @@ const BATCH_FLUSH: usize = 64 * 1024;
 const HOLD_MAX_BYTES: usize = 512;
 /// ... but never longer than this (plus one request's service time).
 const HOLD_MAX_WAIT: Duration = Duration::from_micros(100);
+/// Over TCP a streamed WRITE payload is read in pieces of this size, each waited for whole:
+/// taking whatever has arrived means a wake-up, a read and a write for every few segments.
+/// Measured at 1 MiB QD8 on loopback: 40-50% more MiB/s and 5-15% less CPU per MiB than
+/// taking what is there, and better than 64 or 192 KiB. Over a unix socket waiting for
+/// whole pieces halved the MiB/s, so there the reader takes what has arrived.
+const TCP_PIECE: usize = 128 * 1024;
 /// A cheap request taking longer than this (plus 1 ns per [`SLOW_BYTES_PER_NS`] bytes moved)
 /// had to wait, not just work: the backend is slow, so the pool takes over.
 const SLOW_BASE: Duration = Duration::from_micros(100);
@@ -127,6 +133,9 @@ struct Session {
     /// Which of the last 64 cheap requests were slow (bit 0: the latest). A lone slow one
     /// is usually the host's noise (a preempted thread); several mean a waiting backend.
     slow_history: AtomicU64,
+    /// Whether the connection is TCP, where every send and every wake-up of the reader
+    /// costs a trip through the network stack (see [`HOLD_MAX_BYTES`], [`TCP_PIECE`]).
+    tcp: bool,
 }
 
 struct InFlight {
@@ -206,6 +215,7 @@ pub(crate) fn run(
     };
     let size = export.backend.size();
     let splicing = export.backend.can_splice() && writer.plain_socket().is_some();
+    let tcp = writer.plain_socket().is_some_and(is_tcp);
     let session = Arc::new(Session {
         id,
         export,
@@ -220,6 +230,7 @@ pub(crate) fn run(
         pipes: Mutex::new(Vec::new()),
         known_data: Mutex::new(0..0),
         slow_history: AtomicU64::new(0),
+        tcp,
     });
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
@@ -239,7 +250,6 @@ pub(crate) fn run(
     let poll_max = session.export.config.poll_max;
     let mut poll = (!poll_max.is_zero()).then(|| PollWindow::new(poll_max));
     let mut after_large_payload = false;
-    let hold_replies = reader.get_ref().stream.plain_socket().is_some_and(is_tcp);
     // When the reply batch began to wait for requests queued behind it.
     let mut held_since: Option<Instant> = None;
 
@@ -251,7 +261,7 @@ pub(crate) fn run(
             session.flush_batch(&mut batch);
             held_since = None;
         } else if reader.buffer().is_empty() {
-            let hold = hold_replies
+            let hold = session.tcp
                 && inline
                 && batch.len() <= HOLD_MAX_BYTES
                 && !after_large_payload
@@ -401,24 +411,13 @@ struct RequestStream {
 
 impl Read for RequestStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.dont_wait {
+            return self.stream.read(buf);
+        }
+        // Without the socket itself (TLS), nothing can be read without waiting.
         match self.stream.plain_socket() {
-            Some(socket) if self.dont_wait => {
-                // SAFETY: receives into `buf`, which is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        socket.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }
-            _ => self.stream.read(buf),
+            Some(socket) => recv_some(socket, buf, libc::MSG_DONTWAIT),
+            None => Err(ErrorKind::WouldBlock.into()),
         }
     }
 }
@@ -434,7 +433,25 @@ fn read_queued(reader: &mut Reader) -> bool {
     got
 }
 
-/// Whether `socket` is a TCP connection (see [`HOLD_MAX_BYTES`]).
+/// One recv(2) into `buf` with `flags`: the bytes received (0 at the end of the stream).
+fn recv_some(socket: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: receives into `buf`, which is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Whether `socket` is a TCP connection.
 fn is_tcp(socket: BorrowedFd<'_>) -> bool {
     let mut domain: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -464,30 +481,16 @@ fn take_held(reader: &mut Reader, buf: &mut [u8]) -> usize {
 fn recv_all(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: receives into `rest`, which is valid for writes of its length.
-        let n = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                rest.as_mut_ptr().cast(),
-                rest.len(),
-                libc::MSG_WAITALL,
-            )
-        };
-        match n {
-            0 => {
+        match recv_some(socket, &mut buf[done..], libc::MSG_WAITALL) {
+            Ok(0) => {
                 return Err(io::Error::new(
                     ErrorKind::UnexpectedEof,
                     "connection closed inside a request payload",
                 ))
             }
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -659,7 +662,13 @@ impl Session {
         while done < len {
             let want = (len - done).min(buf.len());
             let n = if reader.buffer().is_empty() {
-                match reader.get_mut().read(&mut buf[..want]) {
+                let read = match reader.get_ref().stream.plain_socket() {
+                    Some(socket) if self.tcp => {
+                        recv_some(socket, &mut buf[..want.min(TCP_PIECE)], libc::MSG_WAITALL)
+                    }
+                    _ => reader.get_mut().read(&mut buf[..want]),
+                };
+                match read {
                     Ok(0) => {
                         return Err(io::Error::new(
                             ErrorKind::UnexpectedEof,

@@ -249,13 +249,16 @@ fn large_writes_land_while_their_payload_arrives() {
         s2.write_all(&h.encode_compact()).unwrap();
         s2.write_all(&data[..half]).unwrap();
         s2.flush().unwrap();
+        // Over TCP the payload goes in whole 128 KiB pieces, so the tail of the half sent
+        // may wait for the rest; the first 256 KiB cannot.
+        let landed = 256 * 1024;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while s.file_bytes(offset, half) != data[..half] && Instant::now() < deadline {
+        while s.file_bytes(offset, landed) != data[..landed] && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(
-            s.file_bytes(offset, half),
-            data[..half],
+            s.file_bytes(offset, landed),
+            data[..landed],
             "first half not written yet"
         );
         let s2 = c.stream_mut();
@@ -272,6 +275,42 @@ fn large_writes_land_while_their_payload_arrives() {
         assert_eq!(s.file_bytes(offset, data.len()), data);
         round_trips(&s, &mut c, 50 + i as u8);
     }
+}
+
+/// Over TCP a streamed payload dribbling in goes to the file in whole 128 KiB pieces, not in
+/// whatever each segment brought.
+#[test]
+fn streamed_tcp_writes_go_in_whole_pieces() {
+    let s = setup(SIZE);
+    let mut c = Handshake::start(s.tcp()).unwrap().go("e").unwrap();
+    let data = pattern(MIB as usize, 60);
+    let h = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_WRITE,
+        cookie: 9,
+        offset: MIB,
+        length: MIB,
+    };
+    s.backend.take_write_sizes();
+    let sock = c.stream_mut();
+    sock.write_all(&h.encode_compact()).unwrap();
+    for piece in data.chunks(16 * 1024) {
+        sock.write_all(piece).unwrap();
+        sock.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut reply = [0u8; 16];
+    std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
+    assert_eq!(reply[4..8], [0, 0, 0, 0], "no error");
+    // The first piece may be what came with the header; the last, what is left after it.
+    let sizes = s.backend.take_write_sizes();
+    assert_eq!(sizes.iter().sum::<usize>(), data.len());
+    assert!(sizes.len() <= 9, "{} pieces: {sizes:?}", sizes.len());
+    assert!(
+        sizes[1..sizes.len() - 1].iter().all(|&n| n == 128 * 1024),
+        "{sizes:?}"
+    );
+    assert_eq!(s.file_bytes(MIB, data.len()), data);
 }
 
 /// Large WRITEs written while they arrive, pipelined with other requests so that headers
