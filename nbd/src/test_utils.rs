@@ -28,6 +28,7 @@ pub struct MemBackend {
     disk: RwLock<Disk>,
     extra_maps: Vec<Vec<Extent>>,
     read_delay: Option<Duration>,
+    flush_delay: Option<Duration>,
     flushes: AtomicUsize,
     fua_writes: AtomicUsize,
     /// Names of the threads that served writes, one entry per thread.
@@ -52,6 +53,7 @@ impl MemBackend {
             }),
             extra_maps: Vec::new(),
             read_delay: None,
+            flush_delay: None,
             flushes: AtomicUsize::new(0),
             fua_writes: AtomicUsize::new(0),
             write_threads: Mutex::new(Vec::new()),
@@ -67,6 +69,12 @@ impl MemBackend {
     /// Make every read sleep first (to observe concurrent, out-of-order service).
     pub fn with_read_delay(mut self, delay: Duration) -> Self {
         self.read_delay = Some(delay);
+        self
+    }
+
+    /// Make every flush sleep first (a disk that takes its time).
+    pub fn with_flush_delay(mut self, delay: Duration) -> Self {
+        self.flush_delay = Some(delay);
         self
     }
 
@@ -175,6 +183,9 @@ impl ExportBackend for MemBackend {
     }
 
     fn flush(&self) -> io::Result<()> {
+        if let Some(delay) = self.flush_delay {
+            std::thread::sleep(delay);
+        }
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

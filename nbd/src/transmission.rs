@@ -52,10 +52,10 @@ const BATCH_COPY_MAX: usize = 16 * 1024;
 /// the client gets replies while the reader works through a long queue.
 const BATCH_FLUSH: usize = 64 * 1024;
 /// Over TCP every send is a trip through the network stack on both ends (about 4 us on
-/// loopback here), so a batch of small replies (WRITE, TRIM, FLUSH acknowledgements) up to this
-/// size waits while whole requests are already queued on the socket...
+/// loopback here), so a batch of small replies (to WRITEs and small READs served inline) up
+/// to this size waits while a whole further request is already queued...
 const HOLD_MAX_BYTES: usize = 512;
-/// ... but never longer than this (plus one request's service time).
+/// ... for at most this long, plus the service of the quick requests read meanwhile.
 const HOLD_MAX_WAIT: Duration = Duration::from_micros(100);
 /// Over TCP a streamed WRITE payload is read in pieces of this size, each waited for whole:
 /// taking whatever has arrived means a wake-up, a read and a write for every few segments.
@@ -266,7 +266,8 @@ pub(crate) fn run(
                 && batch.len() <= HOLD_MAX_BYTES
                 && !after_large_payload
                 && held_since.is_none_or(|since| since.elapsed() < HOLD_MAX_WAIT)
-                && read_queued(&mut reader);
+                && read_queued(&mut reader)
+                && session.starts_with_whole_request(reader.buffer());
             if hold {
                 held_since.get_or_insert_with(Instant::now);
             } else {
@@ -325,6 +326,10 @@ pub(crate) fn run(
         // hand-off.
         let alone = reader.buffer().is_empty() && in_flight.idle();
         if alone || (inline && cheap) {
+            if !cheap {
+                // It may wait for the disk: earlier replies must not wait with it.
+                session.flush_batch(&mut batch);
+            }
             let len = request.header.length;
             let busy = session.handle(request, Sink::Batch(&mut batch));
             if cheap {
@@ -580,18 +585,7 @@ impl Session {
         if !got {
             return Ok(None);
         }
-        let decoded = if self.extended() {
-            (&*b)
-                .try_into()
-                .ok()
-                .and_then(RequestHeader::decode_extended)
-        } else {
-            (&*b)
-                .try_into()
-                .ok()
-                .and_then(RequestHeader::decode_compact)
-        };
-        let header = decoded.ok_or_else(|| {
+        let header = self.decode_header(b).ok_or_else(|| {
             invalid(format!(
                 "invalid magic (got {:#x})",
                 u32::from_be_bytes([b[0], b[1], b[2], b[3]])
@@ -601,9 +595,7 @@ impl Session {
             debug!("NBD client {}: disconnect requested", self.id);
             return Ok(None);
         }
-        let has_payload = header.command == proto::CMD_WRITE
-            || (self.extended() && header.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
-        if !has_payload {
+        if !self.has_payload(&header) {
             return Ok(Some(Incoming::Whole(Request {
                 header,
                 payload: Vec::new(),
@@ -638,6 +630,38 @@ impl Session {
             reader.read_exact(&mut payload)?;
         }
         Ok(Some(Incoming::Whole(Request { header, payload })))
+    }
+
+    /// The request header at the start of `b` (of this connection's header size), if valid.
+    fn decode_header(&self, b: &[u8]) -> Option<RequestHeader> {
+        if self.extended() {
+            b.get(..proto::EXTENDED_REQUEST_SIZE)?
+                .try_into()
+                .ok()
+                .and_then(RequestHeader::decode_extended)
+        } else {
+            b.get(..proto::REQUEST_SIZE)?
+                .try_into()
+                .ok()
+                .and_then(RequestHeader::decode_compact)
+        }
+    }
+
+    fn has_payload(&self, h: &RequestHeader) -> bool {
+        h.command == proto::CMD_WRITE
+            || (self.extended() && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
+    }
+
+    /// Whether `b` starts with a whole request, payload included, so that reading it cannot
+    /// wait for the client.
+    fn starts_with_whole_request(&self, b: &[u8]) -> bool {
+        let size = if self.extended() {
+            proto::EXTENDED_REQUEST_SIZE
+        } else {
+            proto::REQUEST_SIZE
+        };
+        self.decode_header(b)
+            .is_some_and(|h| !self.has_payload(&h) || (b.len() - size) as u64 >= h.length)
     }
 
     /// Serve a large, valid WRITE while its payload arrives: every piece read goes to the
@@ -1443,52 +1467,127 @@ mod tests {
         }
     }
 
+    /// A client over TCP to a server on `backend`; with the server's count of writes, and a
+    /// way to send several requests in one write: while the cork holds a buffer, requests
+    /// gather there, and `raw` sends them.
+    struct TcpClient {
+        c: Client,
+        server_writes: Arc<AtomicUsize>,
+        cork: Arc<Mutex<Option<Vec<u8>>>>,
+        raw: TcpStream,
+    }
+
+    impl TcpClient {
+        fn connect(backend: Arc<MemBackend>) -> Self {
+            let server = Server::new(ServerConfig::default());
+            let config = ExportConfig {
+                name: "e".into(),
+                ..ExportConfig::default()
+            };
+            server.add_export(config, backend).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let theirs = TestTcp::new(listener.accept().unwrap().0);
+            let server_writes = Arc::clone(&theirs.writes);
+            server.serve_client(Box::new(theirs), Box::new(|| {}));
+            let ours = TestTcp::new(ours);
+            let (raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
+            let c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+            TcpClient {
+                c,
+                server_writes,
+                cork,
+                raw,
+            }
+        }
+
+        /// Send the requests `send` makes in one write, counting the server's writes from
+        /// now on.
+        fn send_together(&mut self, send: impl FnOnce(&mut Client)) {
+            *self.cork.lock().unwrap() = Some(Vec::new());
+            send(&mut self.c);
+            let burst = self.cork.lock().unwrap().take().unwrap();
+            self.server_writes.store(0, Ordering::SeqCst);
+            self.raw.write_all(&burst).unwrap();
+        }
+    }
+
     #[test]
     fn small_replies_wait_for_requests_already_queued_over_tcp() {
         let backend = Arc::new(MemBackend::new(4 * MIB));
-        let server = Server::new(ServerConfig::default());
-        let config = ExportConfig {
-            name: "e".into(),
-            ..ExportConfig::default()
-        };
-        server.add_export(config, backend.clone()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let theirs = TestTcp::new(listener.accept().unwrap().0);
-        let server_writes = Arc::clone(&theirs.writes);
-        server.serve_client(Box::new(theirs), Box::new(|| {}));
-        let ours = TestTcp::new(ours);
-        let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
-        let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+        let mut t = TcpClient::connect(Arc::clone(&backend));
         let data = pattern(100 * 1024, 3);
-        c.write(0, &data, 0).unwrap();
-
-        // A large WRITE, then two small READs, reaching the server in one send. The large
-        // payload is read up to its end and no further, so the first READ is alone in the
-        // server's buffer while the second one waits on the socket.
-        *cork.lock().unwrap() = Some(Vec::new());
-        let write = c.send_request(0, proto::CMD_WRITE, MIB, 0, &data).unwrap();
-        let first = c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
-        let second = c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
-        let burst = cork.lock().unwrap().take().unwrap();
-        server_writes.store(0, Ordering::SeqCst);
-        raw.write_all(&burst).unwrap();
+        // After a payload this large the server reads the next header straight from the
+        // socket, never more.
+        t.c.write(0, &data, 0).unwrap();
+        // So the first READ is read alone, and the second waits on the socket when the
+        // first one's reply is ready.
+        let (mut first, mut second) = (0, 0);
+        t.send_together(|c| {
+            first = c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
+            second = c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
+        });
         let mut cookies = Vec::new();
-        for _ in 0..3 {
-            let r = c.receive_reply().unwrap();
+        for _ in 0..2 {
+            let r = t.c.receive_reply().unwrap();
             assert_eq!(r.error, None);
-            if r.cookie == first || r.cookie == second {
-                let at = if r.cookie == first { 0 } else { 8 };
-                assert_eq!(r.data, &data[at..at + 8]);
-            }
+            let at = if r.cookie == first { 0 } else { 8 };
+            assert_eq!(r.data, &data[at..at + 8]);
             cookies.push(r.cookie);
         }
         cookies.sort_unstable();
-        assert_eq!(cookies, vec![write, first, second]);
-        // The WRITE's reply goes at once (after a large payload nothing is read ahead); the
-        // first READ's waits for the second's.
-        assert_eq!(server_writes.load(Ordering::SeqCst), 2);
-        assert_eq!(&backend.contents()[MIB as usize..][..data.len()], &data[..]);
+        assert_eq!(cookies, vec![first, second]);
+        // Both replies in one send.
+        assert_eq!(t.server_writes.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn replies_do_not_wait_for_a_request_still_arriving() {
+        let backend = Arc::new(MemBackend::new(4 * MIB));
+        let mut t = TcpClient::connect(Arc::clone(&backend));
+        let data = pattern(100 * 1024, 4);
+        t.c.write(0, &data, 0).unwrap();
+        // The first READ whole, but only the start of the second one's header.
+        *t.cork.lock().unwrap() = Some(Vec::new());
+        let first = t.c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
+        let second = t.c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
+        let burst = t.cork.lock().unwrap().take().unwrap();
+        let split = proto::REQUEST_SIZE + 10;
+        t.raw.write_all(&burst[..split]).unwrap();
+        // A reply held for the second READ would never come: fail instead of hanging.
+        t.raw
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let r = t.c.receive_reply().unwrap();
+        assert_eq!((r.cookie, r.error), (first, None));
+        assert_eq!(r.data, &data[..8]);
+        t.raw.write_all(&burst[split..]).unwrap();
+        let r = t.c.receive_reply().unwrap();
+        assert_eq!((r.cookie, r.error), (second, None));
+        assert_eq!(r.data, &data[8..16]);
+    }
+
+    #[test]
+    fn replies_do_not_wait_for_a_slow_request_served_after_them() {
+        let delay = Duration::from_secs(1);
+        let backend = Arc::new(MemBackend::new(4 * MIB).with_flush_delay(delay));
+        let mut t = TcpClient::connect(Arc::clone(&backend));
+        let data = pattern(4096, 9);
+        // Read together: the WRITE is served, then the FLUSH, which waits for the disk.
+        let (mut write, mut flush) = (0, 0);
+        let sent = Instant::now();
+        t.send_together(|c| {
+            write = c.send_request(0, proto::CMD_WRITE, 0, 0, &data).unwrap();
+            flush = c.send_request(0, proto::CMD_FLUSH, 0, 0, &[]).unwrap();
+        });
+        let r = t.c.receive_reply().unwrap();
+        assert_eq!((r.cookie, r.error), (write, None));
+        let waited = sent.elapsed();
+        assert!(waited < delay / 2, "the WRITE's reply waited {waited:?}");
+        let r = t.c.receive_reply().unwrap();
+        assert_eq!((r.cookie, r.error), (flush, None));
+        assert_eq!(backend.flushes(), 1);
+        assert_eq!(&backend.contents()[..data.len()], &data[..]);
     }
 
     #[test]
