@@ -10,6 +10,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use crate::proto::{Extent, STATE_HOLE, STATE_ZERO};
+use crate::server::lock;
 use crate::{splice, ExportBackend};
 
 /// Allocation granularity of [`MemBackend`].
@@ -285,7 +286,7 @@ impl FileBackend {
 
     /// The sizes of the writes so far, in order; clears the record.
     pub fn take_write_sizes(&self) -> Vec<usize> {
-        std::mem::take(&mut *self.write_sizes.lock().unwrap())
+        std::mem::take(&mut *lock(&self.write_sizes))
     }
 
     /// READ payloads spliced from the file so far.
@@ -312,7 +313,7 @@ impl ExportBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
-        self.write_sizes.lock().unwrap().push(buf.len());
+        lock(&self.write_sizes).push(buf.len());
         self.file.write_all_at(buf, offset)
     }
 

@@ -572,11 +572,7 @@ impl Session {
     ) -> io::Result<Option<Incoming>> {
         let unbuffered = std::mem::take(after_large_payload) && reader.buffer().is_empty();
         let mut b = [0u8; proto::EXTENDED_REQUEST_SIZE];
-        let b = if self.extended() {
-            &mut b[..]
-        } else {
-            &mut b[..proto::REQUEST_SIZE]
-        };
+        let b = &mut b[..self.header_size()];
         let got = if unbuffered {
             read_exact_or_eof(reader.get_mut(), b)?
         } else {
@@ -632,18 +628,22 @@ impl Session {
         Ok(Some(Incoming::Whole(Request { header, payload })))
     }
 
-    /// The request header at the start of `b` (of this connection's header size), if valid.
-    fn decode_header(&self, b: &[u8]) -> Option<RequestHeader> {
+    /// Bytes in this connection's request headers.
+    fn header_size(&self) -> usize {
         if self.extended() {
-            b.get(..proto::EXTENDED_REQUEST_SIZE)?
-                .try_into()
-                .ok()
-                .and_then(RequestHeader::decode_extended)
+            proto::EXTENDED_REQUEST_SIZE
         } else {
-            b.get(..proto::REQUEST_SIZE)?
-                .try_into()
-                .ok()
-                .and_then(RequestHeader::decode_compact)
+            proto::REQUEST_SIZE
+        }
+    }
+
+    /// The request header at the start of `b`, if whole and valid.
+    fn decode_header(&self, b: &[u8]) -> Option<RequestHeader> {
+        let b = b.get(..self.header_size())?;
+        if self.extended() {
+            RequestHeader::decode_extended(b.try_into().ok()?)
+        } else {
+            RequestHeader::decode_compact(b.try_into().ok()?)
         }
     }
 
@@ -655,13 +655,9 @@ impl Session {
     /// Whether `b` starts with a whole request, payload included, so that reading it cannot
     /// wait for the client.
     fn starts_with_whole_request(&self, b: &[u8]) -> bool {
-        let size = if self.extended() {
-            proto::EXTENDED_REQUEST_SIZE
-        } else {
-            proto::REQUEST_SIZE
-        };
-        self.decode_header(b)
-            .is_some_and(|h| !self.has_payload(&h) || (b.len() - size) as u64 >= h.length)
+        self.decode_header(b).is_some_and(|h| {
+            !self.has_payload(&h) || (b.len() - self.header_size()) as u64 >= h.length
+        })
     }
 
     /// Serve a large, valid WRITE while its payload arrives: every piece read goes to the
@@ -1501,12 +1497,17 @@ mod tests {
             }
         }
 
+        /// The bytes of the requests `send` makes, gathered instead of sent.
+        fn gather(&mut self, send: impl FnOnce(&mut Client)) -> Vec<u8> {
+            *self.cork.lock().unwrap() = Some(Vec::new());
+            send(&mut self.c);
+            self.cork.lock().unwrap().take().unwrap()
+        }
+
         /// Send the requests `send` makes in one write, counting the server's writes from
         /// now on.
         fn send_together(&mut self, send: impl FnOnce(&mut Client)) {
-            *self.cork.lock().unwrap() = Some(Vec::new());
-            send(&mut self.c);
-            let burst = self.cork.lock().unwrap().take().unwrap();
+            let burst = self.gather(send);
             self.server_writes.store(0, Ordering::SeqCst);
             self.raw.write_all(&burst).unwrap();
         }
@@ -1548,10 +1549,11 @@ mod tests {
         let data = pattern(100 * 1024, 4);
         t.c.write(0, &data, 0).unwrap();
         // The first READ whole, but only the start of the second one's header.
-        *t.cork.lock().unwrap() = Some(Vec::new());
-        let first = t.c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
-        let second = t.c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
-        let burst = t.cork.lock().unwrap().take().unwrap();
+        let (mut first, mut second) = (0, 0);
+        let burst = t.gather(|c| {
+            first = c.send_request(0, proto::CMD_READ, 0, 8, &[]).unwrap();
+            second = c.send_request(0, proto::CMD_READ, 8, 8, &[]).unwrap();
+        });
         let split = proto::REQUEST_SIZE + 10;
         t.raw.write_all(&burst[..split]).unwrap();
         // A reply held for the second READ would never come: fail instead of hanging.
