@@ -83,10 +83,10 @@ impl Graph {
         }
         let lookup = |n: &str| self.get(n).cloned();
         let result = OpenContext::from_options(&opts, &lookup)
-            .and_then(|ctx| block::open(&driver, &opts, &ctx));
+            .and_then(|ctx| block::open(&driver, &opts, &ctx).map(|drv| (drv, ctx.detect_zeroes)));
         match result {
-            Ok(drv) => {
-                let node = Arc::new(BlockNode::new(name, drv));
+            Ok((drv, detect_zeroes)) => {
+                let node = Arc::new(BlockNode::new(name, drv).detecting_zeroes(detect_zeroes));
                 self.nodes.insert(0, Arc::clone(&node));
                 Ok(node)
             }
@@ -151,7 +151,7 @@ impl Graph {
         let cache = drv.cache_mode();
         json!({
             "iops_rd": 0,
-            "detect_zeroes": "off",
+            "detect_zeroes": node.detect_zeroes().as_str(),
             "active": true,
             "image": image,
             "iops_wr": 0,
@@ -181,6 +181,7 @@ pub fn is_valid_node_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::IoSlice;
 
     #[test]
     fn node_names_follow_qemu_rules() {
@@ -213,6 +214,95 @@ mod tests {
             "'node-name' must be specified for the root node"
         );
         assert_eq!(g.nodes().len(), 1);
+    }
+
+    /// A 1 MiB raw image of 0x55 bytes under a raw node (the file node
+    /// takes `file_opts`), and the bytes the file has allocated.
+    fn raw_over_file(file_opts: Value) -> (Graph, tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        std::fs::write(&path, vec![0x55u8; 1 << 20]).unwrap();
+        let mut file = json!({"driver": "file", "node-name": "f0", "filename": path});
+        for (k, v) in file_opts.as_object().unwrap() {
+            file[k] = v.clone();
+        }
+        let mut g = Graph::default();
+        g.add(file.as_object().unwrap()).unwrap();
+        let raw = json!({"driver": "raw", "node-name": "r0", "file": "f0"});
+        g.add(raw.as_object().unwrap()).unwrap();
+        (g, dir, path)
+    }
+
+    fn allocated(path: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    fn read(node: &BlockNode, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xffu8; len];
+        node.driver()
+            .read_vectored(offset, &mut [std::io::IoSliceMut::new(&mut buf)])
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn detect_zeroes_unmap_deallocates_zero_writes() {
+        let (g, _dir, path) = raw_over_file(json!({"detect-zeroes": "unmap", "discard": "unmap"}));
+        let raw = g.get("r0").unwrap();
+        let before = allocated(&path);
+        assert!(before >= 1 << 20, "the image starts fully allocated");
+        let zeroes = vec![0u8; 256 << 10];
+        raw.write_vectored(
+            0,
+            &[
+                IoSlice::new(&zeroes[..100 << 10]),
+                IoSlice::new(&zeroes[100 << 10..]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(read(raw, 0, 256 << 10), zeroes);
+        assert_eq!(read(raw, 256 << 10, 4), [0x55; 4], "the rest is untouched");
+        assert!(
+            allocated(&path) <= before - (256 << 10),
+            "256 KiB of zeroes were punched: {} -> {}",
+            before,
+            allocated(&path)
+        );
+        // Data that is not all zero is written as it is.
+        let mut almost = vec![0u8; 64 << 10];
+        almost[65535] = 1;
+        raw.write_vectored(0, &[IoSlice::new(&almost)]).unwrap();
+        assert_eq!(read(raw, 0, 64 << 10), almost);
+        let info = Graph::node_info(g.get("f0").unwrap());
+        assert_eq!(info["detect_zeroes"], "unmap");
+        assert_eq!(Graph::node_info(raw)["detect_zeroes"], "off");
+    }
+
+    #[test]
+    fn detect_zeroes_on_never_deallocates() {
+        let (g, _dir, path) = raw_over_file(json!({"detect-zeroes": "on", "discard": "unmap"}));
+        let raw = g.get("r0").unwrap();
+        let before = allocated(&path);
+        raw.write_vectored(4096, &[IoSlice::new(&[0u8; 128 << 10])])
+            .unwrap();
+        assert_eq!(read(raw, 4096, 128 << 10), vec![0u8; 128 << 10]);
+        assert_eq!(allocated(&path), before, "on never deallocates");
+    }
+
+    #[test]
+    fn detect_zeroes_unmap_needs_discard_unmap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let opts = json!({"driver": "file", "node-name": "f0", "filename": path,
+                          "detect-zeroes": "unmap"});
+        let mut g = Graph::default();
+        assert_eq!(
+            g.add(opts.as_object().unwrap()).err().unwrap(),
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+        );
+        assert!(g.nodes().is_empty());
     }
 
     #[test]

@@ -43,10 +43,14 @@ pub fn errno_text(e: &std::io::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `blkd nbd -v`, as qemu-nbd's: report connections unless RUST_LOG says otherwise.
+    let verbose = args.first().is_some_and(|a| a == "nbd")
+        && args.iter().any(|a| a == "-v" || a == "--verbose");
+    let default_level = if verbose { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp_micros()
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("demo") => return demo::run(&args[1..]),
         Some("nbd") => return nbd_mode::run(&args[1..]),

@@ -93,7 +93,104 @@ fn command() -> Command {
                 .action(ArgAction::SetTrue)
                 .help("go to the background once the server is ready"),
         )
-        .arg(Arg::new("image").required(true).help("the image file"))
+        .arg(
+            Arg::new("handshake-limit")
+                .long("handshake-limit")
+                .help("drop clients that have not finished the handshake after N seconds (default 10; 0 for never)"),
+        )
+        .arg(
+            Arg::new("cache")
+                .long("cache")
+                .help("cache mode: none, writeback (default), writethrough, directsync or unsafe"),
+        )
+        .arg(
+            Arg::new("nocache")
+                .short('n')
+                .long("nocache")
+                .action(ArgAction::SetTrue)
+                .help("bypass the host page cache (--cache=none)"),
+        )
+        .arg(
+            Arg::new("aio")
+                .long("aio")
+                .help("AIO mode: threads (native and io_uring are refused, as by --blockdev)"),
+        )
+        .arg(
+            Arg::new("discard")
+                .long("discard")
+                .help("discard mode: ignore (default) or unmap"),
+        )
+        .arg(
+            Arg::new("detect-zeroes")
+                .long("detect-zeroes")
+                .help("write all-zero data as zeroes: off (default), on or unmap"),
+        )
+        .arg(
+            Arg::new("object")
+                .long("object")
+                .action(ArgAction::Append)
+                .help("define an object, such as tls-creds-x509 or authz-simple"),
+        )
+        .arg(
+            Arg::new("tls-creds")
+                .long("tls-creds")
+                .help("require TLS, with the credentials object of this id"),
+        )
+        .arg(
+            Arg::new("tls-authz")
+                .long("tls-authz")
+                .help("authorise TLS clients with the authz object of this id"),
+        )
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .long("verbose")
+                .action(ArgAction::SetTrue)
+                .help("log client connections and other events (as RUST_LOG=info)"),
+        )
+        .arg(
+            Arg::new("version")
+                .short('V')
+                .long("version")
+                .action(ArgAction::SetTrue)
+                .help("print the version and exit"),
+        )
+        .arg(Arg::new("image").required_unless_present("version").help("the image file"))
+}
+
+/// What qemu-nbd's `--cache` modes mean for the file node and the export.
+struct CacheChoice {
+    direct: bool,
+    no_flush: bool,
+    writethrough: bool,
+}
+
+fn cache_choice(mode: &str) -> Result<CacheChoice, String> {
+    let (direct, no_flush, writethrough) = match mode {
+        "none" | "off" => (true, false, false),
+        "writeback" => (false, false, false),
+        "writethrough" => (false, false, true),
+        "directsync" => (true, false, true),
+        "unsafe" => (false, true, false),
+        _ => return Err(format!("Invalid cache mode `{mode}'")),
+    };
+    Ok(CacheChoice {
+        direct,
+        no_flush,
+        writethrough,
+    })
+}
+
+/// `value` if it is one of `allowed`, else the error `invalid` makes of it.
+fn one_of(
+    value: Option<String>,
+    allowed: &[&str],
+    invalid: impl Fn(&str) -> String,
+) -> Result<Option<String>, String> {
+    match value {
+        Some(v) if !allowed.contains(&v.as_str()) => Err(invalid(&v)),
+        v => Ok(v),
+    }
 }
 
 /// `,` is keyval's separator: double it inside values.
@@ -120,22 +217,68 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
     let image = get("image").unwrap_or_default();
     let read_only = m.get_flag("read-only");
     let format = get("format").unwrap_or_else(|| probe_format(&image));
+    let cache = match (get("cache"), m.get_flag("nocache")) {
+        (Some(_), true) => return Err("-n and --cache can only be specified once".into()),
+        (Some(mode), false) => cache_choice(&mode)?,
+        (None, true) => cache_choice("none")?,
+        (None, false) => cache_choice("writeback")?,
+    };
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let aio = one_of(get("aio"), &["threads", "native", "io_uring"], |v| {
+        format!("Invalid aio mode '{v}'")
+    })?;
+    let discard = one_of(get("discard"), &["ignore", "off", "unmap", "on"], |v| {
+        format!("Invalid discard mode `{v}'")
+    })?
+    .map(|d| match d.as_str() {
+        "on" | "unmap" => "unmap",
+        _ => "ignore",
+    });
+    let detect_zeroes = one_of(get("detect-zeroes"), &["off", "on", "unmap"], |v| {
+        format!("Failed to parse detect_zeroes mode: invalid parameter value: {v}")
+    })?;
+    if detect_zeroes.as_deref() == Some("unmap") && discard != Some("unmap") {
+        return Err(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                .into(),
+        );
+    }
+    if get("tls-authz").is_some() && get("tls-creds").is_none() {
+        return Err("--tls-authz is not permitted without --tls-creds".into());
+    }
     let mut opts = Vec::new();
     let mut push = |kind, value: String| opts.push(CliOption { kind, value });
-    push(
-        OptionKind::Blockdev,
-        format!(
-            "driver=file,node-name=file0,filename={},read-only={}",
-            escape(&image),
-            if read_only { "on" } else { "off" }
-        ),
+    if let Some(objects) = m.get_many::<String>("object") {
+        for o in objects {
+            push(OptionKind::Object, o.clone());
+        }
+    }
+    // Discard applies to the whole chain, as qemu-nbd opens it.
+    let discard = discard.map(|d| format!(",discard={d}")).unwrap_or_default();
+    let mut file = format!(
+        "driver=file,node-name=file0,filename={},read-only={}{discard}",
+        escape(&image),
+        on_off(read_only),
     );
+    if cache.direct {
+        file.push_str(",cache.direct=on");
+    }
+    if cache.no_flush {
+        file.push_str(",cache.no-flush=on");
+    }
+    if let Some(aio) = aio {
+        file.push_str(&format!(",aio={aio}"));
+    }
+    push(OptionKind::Blockdev, file);
     push(
         OptionKind::Blockdev,
         format!(
-            "driver={},node-name=disk0,file=file0,read-only={}",
+            "driver={},node-name=disk0,file=file0,read-only={}{discard}{}",
             escape(&format),
-            if read_only { "on" } else { "off" }
+            on_off(read_only),
+            detect_zeroes
+                .map(|d| format!(",detect-zeroes={d}"))
+                .unwrap_or_default(),
         ),
     );
     let shared: u32 = get("shared")
@@ -157,15 +300,27 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
             escape(&get("port").unwrap_or_else(|| "10809".into()))
         )
     };
-    push(
-        OptionKind::NbdServer,
-        format!("{addr},max-connections={shared}"),
-    );
+    let mut server = format!("{addr},max-connections={shared}");
+    if let Some(limit) = get("handshake-limit") {
+        let secs: u32 = limit
+            .parse()
+            .map_err(|_| format!("Invalid handshake limit '{limit}'"))?;
+        server.push_str(&format!(",handshake-max-seconds={secs}"));
+    }
+    for key in ["tls-creds", "tls-authz"] {
+        if let Some(id) = get(key) {
+            server.push_str(&format!(",{key}={}", escape(&id)));
+        }
+    }
+    push(OptionKind::NbdServer, server);
     let mut export = format!(
         "type=nbd,id=export0,node-name=disk0,name={},writable={}",
         escape(&get("export-name").unwrap_or_default()),
-        if read_only { "off" } else { "on" }
+        on_off(!read_only)
     );
+    if cache.writethrough {
+        export.push_str(",writethrough=on");
+    }
     if let Some(d) = get("description") {
         export.push_str(&format!(",description={}", escape(&d)));
     }
@@ -198,6 +353,10 @@ pub fn run(args: &[String]) -> ExitCode {
         let _ = command().print_help();
         return ExitCode::SUCCESS;
     }
+    if args.iter().any(|a| a == "-V" || a == "--version") {
+        println!("blkd nbd {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     match options(args) {
         Ok((opts, persistent)) => {
             let fork = args.iter().any(|a| a == "--fork");
@@ -213,6 +372,80 @@ pub fn run(args: &[String]) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn translate(args: &[&str]) -> Result<Vec<String>, String> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        options(&args).map(|(opts, _)| opts.iter().map(|o| o.as_typed()).collect())
+    }
+
+    #[test]
+    fn translates_cache_discard_zeroes_tls_and_handshake_options() {
+        let values = translate(&[
+            "--object",
+            "tls-creds-x509,id=t0,dir=/c,endpoint=server",
+            "--object",
+            "authz-simple,id=a0,identity=CN=x",
+            "--tls-creds",
+            "t0",
+            "--tls-authz",
+            "a0",
+            "--cache=directsync",
+            "--aio=threads",
+            "--discard=on",
+            "--detect-zeroes=unmap",
+            "--handshake-limit=3",
+            "-p",
+            "10810",
+            "-f",
+            "raw",
+            "/img",
+        ])
+        .unwrap();
+        assert_eq!(
+            values,
+            [
+                "--object tls-creds-x509,id=t0,dir=/c,endpoint=server",
+                "--object authz-simple,id=a0,identity=CN=x",
+                "--blockdev driver=file,node-name=file0,filename=/img,read-only=off,discard=unmap,cache.direct=on,aio=threads",
+                "--blockdev driver=raw,node-name=disk0,file=file0,read-only=off,discard=unmap,detect-zeroes=unmap",
+                "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10810,max-connections=1,handshake-max-seconds=3,tls-creds=t0,tls-authz=a0",
+                "--export type=nbd,id=export0,node-name=disk0,name=,writable=on,writethrough=on",
+            ]
+        );
+        let file_node = |args: &[&str]| translate(args).unwrap()[0].clone();
+        assert!(file_node(&["-n", "-f", "raw", "/i"]).ends_with(",cache.direct=on"));
+        assert!(file_node(&["--cache=unsafe", "-f", "raw", "/i"]).ends_with(",cache.no-flush=on"));
+        let export = translate(&["--cache=writethrough", "-f", "raw", "/i"]).unwrap()[3].clone();
+        assert!(export.ends_with(",writethrough=on"), "{export}");
+    }
+
+    #[test]
+    fn refuses_what_qemu_nbd_refuses_with_its_texts() {
+        let cases: [(&[&str], &str); 7] = [
+            (&["--cache=bad"], "Invalid cache mode `bad'"),
+            (&["-n", "--cache=none"], "-n and --cache can only be specified once"),
+            (&["--aio=bad"], "Invalid aio mode 'bad'"),
+            (&["--discard=bad"], "Invalid discard mode `bad'"),
+            (
+                &["--detect-zeroes=bad"],
+                "Failed to parse detect_zeroes mode: invalid parameter value: bad",
+            ),
+            (
+                &["--detect-zeroes=unmap"],
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ),
+            (&["--tls-authz=a0"], "--tls-authz is not permitted without --tls-creds"),
+        ];
+        for (args, error) in cases {
+            let mut args = args.to_vec();
+            args.extend(["-f", "raw", "/i"]);
+            assert_eq!(translate(&args).unwrap_err(), error, "{args:?}");
+        }
+        assert_eq!(
+            translate(&["--handshake-limit=x", "-f", "raw", "/i"]).unwrap_err(),
+            "Invalid handshake limit 'x'"
+        );
+    }
 
     #[test]
     fn translates_qemu_nbd_style_arguments() {

@@ -108,3 +108,131 @@ fn socket_activation_from_libnbd() {
     );
     assert_eq!(out.trim(), (2 << 20).to_string());
 }
+
+/// The open flags of `pid`'s descriptor for `path`, from /proc.
+fn open_flags(pid: u32, path: &std::path::Path) -> Option<u32> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if std::fs::read_link(entry.path()).ok().as_deref() == Some(path) {
+            let fd = entry.file_name();
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_str()?)).ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            return u32::from_str_radix(flags.trim(), 8).ok();
+        }
+    }
+    None
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `--cache=none --discard=unmap --detect-zeroes=unmap`, as a tool would pass
+/// them to qemu-nbd: the image is open with O_DIRECT, and zero data written
+/// over NBD is punched out of it. qemu-nbd runs the same scenario.
+#[test]
+fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
+    if common::missing_tools(&["qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    for program in [BLKD, "qemu-nbd"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.raw");
+        std::fs::write(&img, vec![0x55u8; 2 << 20]).unwrap();
+        run_ok("sync", &[]);
+        let before = allocated(&img);
+        let sock = dir.path().join("s.sock");
+        let mut cmd = Command::new(program);
+        if program == BLKD {
+            cmd.arg("nbd");
+        }
+        let mut child = cmd
+            .args([
+                "--cache=none",
+                "--aio=threads",
+                "--discard=unmap",
+                "--detect-zeroes=unmap",
+                "-t",
+                "-f",
+                "raw",
+                "-k",
+            ])
+            .arg(&sock)
+            .arg(&img)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
+        let flags = open_flags(child.id(), &img).expect("the image is open");
+        assert_ne!(
+            flags & libc::O_DIRECT as u32,
+            0,
+            "{program}: flags {flags:o}"
+        );
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let out = run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0 0 1M",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0 0 1M",
+                "-c",
+                "read -P 0x55 1M 1M",
+                &uri,
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{program}: {out}");
+        let after = allocated(&img);
+        assert!(
+            after + (1 << 20) <= before,
+            "{program}: zero data was written, not punched: {before} -> {after} bytes allocated"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// `--handshake-limit`: a client that stays silent after the greeting is
+/// dropped after the limit, not the default 10 s.
+#[test]
+fn handshake_limit_drops_silent_clients() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    common::make_image(&img, 1 << 20, 5);
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(BLKD)
+        .args(["nbd", "--handshake-limit=1", "-t", "-f", "raw", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_path(&sock, Duration::from_secs(10)));
+    let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    client.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let start = std::time::Instant::now();
+    let mut rest = [0u8; 1];
+    let n = client
+        .read(&mut rest)
+        .expect("the server closes the connection, not the read timeout");
+    assert_eq!(n, 0, "the server sent more than its greeting");
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "dropped after {waited:?}, not about 1 s"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

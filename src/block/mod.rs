@@ -152,7 +152,6 @@ pub trait BlockDriver: Send + Sync {
     fn store_bitmaps_on_close(&self, _bitmaps: Vec<DirtyBitmap>) {}
 }
 
-/// What a node does with discard requests (`blockdev-add`'s `discard`).
 /// The `cache` options of a node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheMode {
@@ -162,6 +161,7 @@ pub struct CacheMode {
     pub no_flush: bool,
 }
 
+/// What a node does with discard requests (`blockdev-add`'s `discard`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DiscardMode {
     /// Discard requests succeed and do nothing (QEMU's default).
@@ -169,6 +169,30 @@ pub enum DiscardMode {
     Ignore,
     /// Discard requests are passed down (hole punching on files).
     Unmap,
+}
+
+/// What a node does with writes whose data is all zero (`blockdev-add`'s
+/// `detect-zeroes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Written as any other data (QEMU's default).
+    #[default]
+    Off,
+    /// Written as write-zeroes requests, which may allocate nothing new.
+    On,
+    /// Written as write-zeroes requests that may deallocate the range.
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The QAPI name, as `query-named-block-nodes` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
 }
 
 /// Finds a node by name, for drivers that reference children.
@@ -181,6 +205,7 @@ pub struct OpenContext<'a> {
     /// Fall back to read-only when the image cannot be opened writable.
     pub auto_read_only: bool,
     pub discard: DiscardMode,
+    pub detect_zeroes: DetectZeroes,
     /// `cache.direct`: bypass the host page cache (O_DIRECT).
     pub cache_direct: bool,
     /// `cache.no-flush`: flush requests succeed without syncing.
@@ -200,13 +225,27 @@ impl<'a> OpenContext<'a> {
         if flag(opts, "force-share") && !flag(opts, "read-only") {
             return Err("force-share=on can only be used with read-only images".into());
         }
+        let discard = match opts.get("discard").and_then(Value::as_str) {
+            Some("unmap") => DiscardMode::Unmap,
+            _ => DiscardMode::Ignore,
+        };
+        let detect_zeroes = match opts.get("detect-zeroes").and_then(Value::as_str) {
+            Some("on") => DetectZeroes::On,
+            Some("unmap") => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        };
+        // Unmapping zero writes would deallocate where discards may not.
+        if detect_zeroes == DetectZeroes::Unmap && discard != DiscardMode::Unmap {
+            return Err(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                    .into(),
+            );
+        }
         let ctx = OpenContext {
             read_only: flag(opts, "read-only"),
             auto_read_only: flag(opts, "auto-read-only"),
-            discard: match opts.get("discard").and_then(Value::as_str) {
-                Some("unmap") => DiscardMode::Unmap,
-                _ => DiscardMode::Ignore,
-            },
+            discard,
+            detect_zeroes,
             cache_direct: cache.is_some_and(|c| flag(c, "direct")),
             cache_no_flush: cache.is_some_and(|c| flag(c, "no-flush")),
             lookup,

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use super::bitmap::DirtyBitmap;
-use super::{BlockDriver, ZeroFlags};
+use super::{BlockDriver, DetectZeroes, ZeroFlags};
 
 pub struct BlockNode {
     name: String,
@@ -18,6 +18,14 @@ pub struct BlockNode {
     /// Whether `bitmaps` is non-empty, so that writes to a node without
     /// bitmaps (the common case) take no lock.
     has_bitmaps: AtomicBool,
+    detect_zeroes: DetectZeroes,
+}
+
+/// Whether every byte of `buf` is zero, a word at a time.
+fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: any bit pattern is a valid u128; align_to only splits the slice.
+    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 impl BlockNode {
@@ -29,7 +37,18 @@ impl BlockNode {
             driver,
             has_bitmaps: AtomicBool::new(!bitmaps.is_empty()),
             bitmaps: Mutex::new(bitmaps),
+            detect_zeroes: DetectZeroes::Off,
         }
+    }
+
+    /// The node, writing all-zero data as `mode` says.
+    pub fn detecting_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
+        self
+    }
+
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        self.detect_zeroes
     }
 
     /// The node's `node-name`.
@@ -57,9 +76,21 @@ impl BlockNode {
 
     /// Writes through the driver and marks the range dirty, even when the
     /// write fails: a failed write may have changed part of the range.
+    /// With `detect-zeroes`, all-zero data becomes a write-zeroes request.
     pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let result = self.driver.write_vectored(offset, bufs);
+        let result = if self.detect_zeroes != DetectZeroes::Off
+            && len > 0
+            && bufs.iter().all(|b| is_zero(b))
+        {
+            let flags = ZeroFlags {
+                may_unmap: self.detect_zeroes == DetectZeroes::Unmap,
+                fast_only: false,
+            };
+            self.driver.write_zeroes(offset, len, flags)
+        } else {
+            self.driver.write_vectored(offset, bufs)
+        };
         self.mark_dirty(offset, len);
         result
     }

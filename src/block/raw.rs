@@ -136,7 +136,8 @@ impl BlockDriver for RawDriver {
         self.refuse_if_read_only()?;
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         let at = self.translate(offset, len)?;
-        self.child.driver().write_vectored(at, bufs)
+        // Through the child node, so that its detect-zeroes and bitmaps apply.
+        self.child.write_vectored(at, bufs)
     }
 
     fn can_splice(&self) -> bool {
@@ -155,13 +156,13 @@ impl BlockDriver for RawDriver {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.refuse_if_read_only()?;
         let at = self.translate(offset, len)?;
-        self.child.driver().discard(at, len)
+        self.child.discard(at, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         self.refuse_if_read_only()?;
         let at = self.translate(offset, len)?;
-        self.child.driver().write_zeroes(at, len, flags)
+        self.child.write_zeroes(at, len, flags)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
