@@ -72,6 +72,10 @@ impl Graph {
                     return Err(format!("Duplicate nodes with node-name='{child_name}'"));
                 }
                 let mut child_opts = child_opts.clone();
+                // As QEMU's inherited options: the parent's discard mode decides.
+                child_opts
+                    .entry("discard")
+                    .or_insert(Value::String("unmap".into()));
                 // A child of a read-only node is read-only too.
                 if opts.get("read-only") == Some(&Value::Bool(true)) {
                     child_opts.entry("read-only").or_insert(Value::Bool(true));
@@ -83,10 +87,10 @@ impl Graph {
         }
         let lookup = |n: &str| self.get(n).cloned();
         let result = OpenContext::from_options(&opts, &lookup)
-            .and_then(|ctx| block::open(&driver, &opts, &ctx).map(|drv| (drv, ctx.detect_zeroes)));
+            .and_then(|ctx| block::open(&driver, &opts, &ctx).map(|drv| (drv, ctx.write_policy())));
         match result {
-            Ok((drv, detect_zeroes)) => {
-                let node = Arc::new(BlockNode::new(name, drv).detecting_zeroes(detect_zeroes));
+            Ok((drv, policy)) => {
+                let node = Arc::new(BlockNode::new(name, drv).with_policy(policy));
                 self.nodes.insert(0, Arc::clone(&node));
                 Ok(node)
             }
@@ -217,7 +221,7 @@ mod tests {
     }
 
     /// A 1 MiB raw image of 0x55 bytes under a raw node (the file node
-    /// takes `file_opts`), and the bytes the file has allocated.
+    /// takes `file_opts`), with the image's directory and path.
     fn raw_over_file(file_opts: Value) -> (Graph, tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img.raw");
@@ -280,14 +284,49 @@ mod tests {
     }
 
     #[test]
-    fn detect_zeroes_on_never_deallocates() {
-        let (g, _dir, path) = raw_over_file(json!({"detect-zeroes": "on", "discard": "unmap"}));
-        let raw = g.get("r0").unwrap();
+    fn a_node_that_ignores_discards_neither_unmaps_nor_marks() {
+        use crate::block::bitmap::DirtyBitmap;
+        use crate::block::ZeroFlags;
+        // The file node unmaps; the raw node on top keeps QEMU's default, ignore.
+        let (g, _dir, path) = raw_over_file(json!({"discard": "unmap"}));
+        let (raw, file) = (g.get("r0").unwrap(), g.get("f0").unwrap());
+        for node in [raw, file] {
+            node.add_bitmap(DirtyBitmap::new("b0", 65536, 1 << 20));
+        }
         let before = allocated(&path);
-        raw.write_vectored(4096, &[IoSlice::new(&[0u8; 128 << 10])])
+        raw.discard(0, 256 << 10).unwrap();
+        let unmap = ZeroFlags {
+            may_unmap: true,
+            fast_only: false,
+        };
+        raw.write_zeroes(512 << 10, 256 << 10, unmap).unwrap();
+        assert_eq!(read(raw, 0, 4), [0x55; 4], "the discard was ignored");
+        assert_eq!(read(raw, 512 << 10, 256 << 10), vec![0u8; 256 << 10]);
+        assert_eq!(allocated(&path), before, "nothing was deallocated");
+        let dirty = |node: &BlockNode| node.bitmap("b0").unwrap().dirty_bytes(1 << 20);
+        assert_eq!(dirty(raw), 256 << 10, "only the zeroed range is dirty");
+        assert_eq!(dirty(file), 256 << 10);
+        // The file node itself unmaps what reaches it.
+        file.discard(0, 256 << 10).unwrap();
+        assert!(allocated(&path) <= before - (256 << 10));
+    }
+
+    #[test]
+    fn resizing_through_raw_resizes_the_file_nodes_bitmaps() {
+        use crate::block::bitmap::DirtyBitmap;
+        let (g, _dir, _path) = raw_over_file(json!({}));
+        let (raw, file) = (g.get("r0").unwrap(), g.get("f0").unwrap());
+        // 4 KiB chunks: the 1 MiB bitmap ends exactly on a word of chunks.
+        file.add_bitmap(DirtyBitmap::new("b0", 4096, 1 << 20));
+        raw.resize(2 << 20).unwrap();
+        raw.write_vectored(3 << 19, &[IoSlice::new(&[1u8; 4096])])
             .unwrap();
-        assert_eq!(read(raw, 4096, 128 << 10), vec![0u8; 128 << 10]);
-        assert_eq!(allocated(&path), before, "on never deallocates");
+        let bitmap = file.bitmap("b0").unwrap();
+        assert_eq!(
+            bitmap.dirty_bytes(2 << 20),
+            4096,
+            "the write past the old end is recorded"
+        );
     }
 
     #[test]

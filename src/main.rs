@@ -44,9 +44,8 @@ pub fn errno_text(e: &std::io::Error) -> String {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // `blkd nbd -v`, as qemu-nbd's: report connections unless RUST_LOG says otherwise.
-    let verbose = args.first().is_some_and(|a| a == "nbd")
-        && args.iter().any(|a| a == "-v" || a == "--verbose");
+    // `blkd nbd -v`: log at info level (client connections among it) unless RUST_LOG says otherwise.
+    let verbose = args.first().is_some_and(|a| a == "nbd") && nbd_mode::verbose(&args[1..]);
     let default_level = if verbose { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp_micros()

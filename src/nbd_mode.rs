@@ -12,6 +12,8 @@ fn command() -> Command {
     Command::new("blkd nbd")
         .about("Export one disk image over NBD (qemu-nbd style)")
         .no_binary_name(true)
+        // As qemu-nbd: a repeated option's last value wins.
+        .args_override_self(true)
         .arg(
             Arg::new("read-only")
                 .short('r')
@@ -101,23 +103,26 @@ fn command() -> Command {
         .arg(
             Arg::new("cache")
                 .long("cache")
+                .action(ArgAction::Append)
                 .help("cache mode: none, writeback (default), writethrough, directsync or unsafe"),
         )
         .arg(
             Arg::new("nocache")
                 .short('n')
                 .long("nocache")
-                .action(ArgAction::SetTrue)
+                .action(ArgAction::Count)
                 .help("bypass the host page cache (--cache=none)"),
         )
         .arg(
             Arg::new("aio")
                 .long("aio")
+                .action(ArgAction::Append)
                 .help("AIO mode: threads (native and io_uring are refused, as by --blockdev)"),
         )
         .arg(
             Arg::new("discard")
                 .long("discard")
+                .action(ArgAction::Append)
                 .help("discard mode: ignore (default) or unmap"),
         )
         .arg(
@@ -146,7 +151,7 @@ fn command() -> Command {
                 .short('v')
                 .long("verbose")
                 .action(ArgAction::SetTrue)
-                .help("log client connections and other events (as RUST_LOG=info)"),
+                .help("log at info level, client connections among it (as RUST_LOG=info)"),
         )
         .arg(
             Arg::new("version")
@@ -208,26 +213,84 @@ fn probe_format(path: &str) -> String {
     if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
+/// What a `blkd nbd` command line asks for.
+pub enum Invocation {
+    Help,
+    Version,
+    Serve {
+        options: Vec<CliOption>,
+        /// Keep serving after the last client leaves.
+        persistent: bool,
+        fork: bool,
+        verbose: bool,
+    },
+}
+
+/// Parses the one-line form.
+pub fn parse(args: &[String]) -> Result<Invocation, String> {
+    let m = match command().try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(Invocation::Help),
+        Err(e) => return Err(e.to_string()),
+    };
+    if m.get_flag("version") {
+        return Ok(Invocation::Version);
+    }
+    Ok(Invocation::Serve {
+        options: options(&m)?,
+        persistent: m.get_flag("persistent"),
+        fork: m.get_flag("fork"),
+        verbose: m.get_flag("verbose"),
+    })
+}
+
+/// The value of an option qemu-nbd takes only once.
+fn once(m: &clap::ArgMatches, key: &str, error: &str) -> Result<Option<String>, String> {
+    let mut values = m.get_many::<String>(key).into_iter().flatten();
+    let first = values.next().cloned();
+    match values.next() {
+        Some(_) => Err(error.to_string()),
+        None => Ok(first),
+    }
+}
+
+/// A C `int` as qemu-nbd reads it (strtol base 0: decimal, 0x hex or 0 octal).
+fn parse_c_int(text: &str) -> Option<i32> {
+    let t = text.trim_start();
+    let (negative, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let value = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        i64::from_str_radix(hex, 16).ok()?
+    } else if t.len() > 1 && t.starts_with('0') {
+        i64::from_str_radix(&t[1..], 8).ok()?
+    } else {
+        t.parse::<i64>().ok()?
+    };
+    i32::try_from(if negative { -value } else { value }).ok()
+}
+
 /// Translates the one-line form into the daemon's options.
-pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
-    let m = command()
-        .try_get_matches_from(args)
-        .map_err(|e| e.to_string())?;
+fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
     let get = |k: &str| m.get_one::<String>(k).cloned();
     let image = get("image").unwrap_or_default();
     let read_only = m.get_flag("read-only");
     let format = get("format").unwrap_or_else(|| probe_format(&image));
-    let cache = match (get("cache"), m.get_flag("nocache")) {
-        (Some(_), true) => return Err("-n and --cache can only be specified once".into()),
-        (Some(mode), false) => cache_choice(&mode)?,
-        (None, true) => cache_choice("none")?,
-        (None, false) => cache_choice("writeback")?,
+    const CACHE_TWICE: &str = "-n and --cache can only be specified once";
+    let cache = match (once(m, "cache", CACHE_TWICE)?, m.get_count("nocache")) {
+        (Some(_), 1..) | (None, 2..) => return Err(CACHE_TWICE.into()),
+        (Some(mode), 0) => cache_choice(&mode)?,
+        (None, 1) => cache_choice("none")?,
+        (None, 0) => cache_choice("writeback")?,
     };
     let on_off = |b: bool| if b { "on" } else { "off" };
-    let aio = one_of(get("aio"), &["threads", "native", "io_uring"], |v| {
+    let aio = once(m, "aio", "--aio can only be specified once")?;
+    let aio = one_of(aio, &["threads", "native", "io_uring"], |v| {
         format!("Invalid aio mode '{v}'")
     })?;
-    let discard = one_of(get("discard"), &["ignore", "off", "unmap", "on"], |v| {
+    let discard = once(m, "discard", "--discard can only be specified once")?;
+    let discard = one_of(discard, &["ignore", "off", "unmap", "on"], |v| {
         format!("Invalid discard mode `{v}'")
     })?
     .map(|d| match d.as_str() {
@@ -253,7 +316,8 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
             push(OptionKind::Object, o.clone());
         }
     }
-    // Discard applies to the whole chain, as qemu-nbd opens it.
+    // Both nodes get the mode: the top node's decides whether discards reach
+    // the file, and the file node's whether they unmap there.
     let discard = discard.map(|d| format!(",discard={d}")).unwrap_or_default();
     let mut file = format!(
         "driver=file,node-name=file0,filename={},read-only={}{discard}",
@@ -302,9 +366,9 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
     };
     let mut server = format!("{addr},max-connections={shared}");
     if let Some(limit) = get("handshake-limit") {
-        let secs: u32 = limit
-            .parse()
-            .map_err(|_| format!("Invalid handshake limit '{limit}'"))?;
+        let secs = parse_c_int(&limit)
+            .filter(|s| *s >= 0)
+            .ok_or_else(|| format!("Invalid handshake limit '{limit}'"))?;
         server.push_str(&format!(",handshake-max-seconds={secs}"));
     }
     for key in ["tls-creds", "tls-authz"] {
@@ -336,7 +400,7 @@ pub fn options(args: &[String]) -> Result<(Vec<CliOption>, bool), String> {
     if let Some(p) = get("pid-file") {
         push(OptionKind::Pidfile, p);
     }
-    Ok((opts, m.get_flag("persistent")))
+    Ok(opts)
 }
 
 fn socket_activated() -> bool {
@@ -348,20 +412,27 @@ fn socket_activated() -> bool {
     pid_ok && fds_ok
 }
 
+/// Whether the command line asks for `-v` (read before logging starts).
+pub fn verbose(args: &[String]) -> bool {
+    matches!(parse(args), Ok(Invocation::Serve { verbose: true, .. }))
+}
+
 pub fn run(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        let _ = command().print_help();
-        return ExitCode::SUCCESS;
-    }
-    if args.iter().any(|a| a == "-V" || a == "--version") {
-        println!("blkd nbd {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
-    }
-    match options(args) {
-        Ok((opts, persistent)) => {
-            let fork = args.iter().any(|a| a == "--fork");
-            crate::startup::run_with(opts, fork, !persistent)
+    match parse(args) {
+        Ok(Invocation::Help) => {
+            let _ = command().print_help();
+            ExitCode::SUCCESS
         }
+        Ok(Invocation::Version) => {
+            println!("blkd nbd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Invocation::Serve {
+            options,
+            persistent,
+            fork,
+            ..
+        }) => crate::startup::run_with(options, fork, !persistent),
         Err(msg) => {
             eprintln!("blkd nbd: {msg}");
             ExitCode::FAILURE
@@ -373,9 +444,20 @@ pub fn run(args: &[String]) -> ExitCode {
 mod tests {
     use super::*;
 
-    fn translate(args: &[&str]) -> Result<Vec<String>, String> {
+    fn serve(args: &[&str]) -> Result<(Vec<CliOption>, bool), String> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        options(&args).map(|(opts, _)| opts.iter().map(|o| o.as_typed()).collect())
+        match parse(&args)? {
+            Invocation::Serve {
+                options,
+                persistent,
+                ..
+            } => Ok((options, persistent)),
+            _ => Err("not a serving command line".into()),
+        }
+    }
+
+    fn translate(args: &[&str]) -> Result<Vec<String>, String> {
+        serve(args).map(|(opts, _)| opts.iter().map(|o| o.as_typed()).collect())
     }
 
     #[test]
@@ -420,6 +502,58 @@ mod tests {
     }
 
     #[test]
+    fn version_verbose_and_repeats_as_qemu_nbd() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Short options cluster; -V needs no image.
+        assert!(matches!(parse(&args(&["-tV"])), Ok(Invocation::Version)));
+        assert!(matches!(parse(&args(&["--help"])), Ok(Invocation::Help)));
+        assert!(verbose(&args(&["-vt", "-f", "raw", "/i"])));
+        // An export named "-v" is not a request for verbosity.
+        assert!(!verbose(&args(&["-x", "-v", "-f", "raw", "/i"])));
+        // Most options may repeat; the last value wins.
+        let values = translate(&["-x", "a", "-x", "b", "-f", "raw", "/i"]).unwrap();
+        assert!(values[3].contains(",name=b,"), "{values:?}");
+        assert_eq!(
+            translate(&["--handshake-limit=0x10", "-f", "raw", "/i"]).unwrap()[2],
+            "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=1,handshake-max-seconds=16"
+        );
+        assert!(
+            translate(&["--handshake-limit= 010", "-f", "raw", "/i"]).unwrap()[2]
+                .ends_with("handshake-max-seconds=8")
+        );
+        for (args, error) in [
+            (
+                &["--aio=threads", "--aio=threads"][..],
+                "--aio can only be specified once",
+            ),
+            (
+                &["--discard=on", "--discard=on"][..],
+                "--discard can only be specified once",
+            ),
+            (
+                &["--cache=none", "--cache=none"][..],
+                "-n and --cache can only be specified once",
+            ),
+            (
+                &["-n", "-n"][..],
+                "-n and --cache can only be specified once",
+            ),
+            (
+                &["--handshake-limit=99999999999"][..],
+                "Invalid handshake limit '99999999999'",
+            ),
+            (
+                &["--handshake-limit=-1"][..],
+                "Invalid handshake limit '-1'",
+            ),
+        ] {
+            let mut args = args.to_vec();
+            args.extend(["-f", "raw", "/i"]);
+            assert_eq!(translate(&args).unwrap_err(), error, "{args:?}");
+        }
+    }
+
+    #[test]
     fn refuses_what_qemu_nbd_refuses_with_its_texts() {
         let cases: [(&[&str], &str); 7] = [
             (&["--cache=bad"], "Invalid cache mode `bad'"),
@@ -449,7 +583,7 @@ mod tests {
 
     #[test]
     fn translates_qemu_nbd_style_arguments() {
-        let args: Vec<String> = [
+        let (opts, persistent) = serve(&[
             "-r",
             "-A",
             "-B",
@@ -461,11 +595,8 @@ mod tests {
             "-k",
             "/t/s.sock",
             "/img,1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (opts, persistent) = options(&args).unwrap();
+        ])
+        .unwrap();
         assert!(!persistent);
         let values: Vec<_> = opts.iter().map(|o| o.as_typed()).collect();
         assert_eq!(

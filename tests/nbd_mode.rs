@@ -109,6 +109,16 @@ fn socket_activation_from_libnbd() {
     assert_eq!(out.trim(), (2 << 20).to_string());
 }
 
+/// A server killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The open flags of `pid`'s descriptor for `path`, from /proc.
 fn open_flags(pid: u32, path: &std::path::Path) -> Option<u32> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
@@ -147,7 +157,7 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
         if program == BLKD {
             cmd.arg("nbd");
         }
-        let mut child = cmd
+        let child = cmd
             .args([
                 "--cache=none",
                 "--aio=threads",
@@ -163,8 +173,9 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
+        let child = KillOnDrop(child);
         assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
-        let flags = open_flags(child.id(), &img).expect("the image is open");
+        let flags = open_flags(child.0.id(), &img).expect("the image is open");
         assert_ne!(
             flags & libc::O_DIRECT as u32,
             0,
@@ -193,8 +204,6 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
             after + (1 << 20) <= before,
             "{program}: zero data was written, not punched: {before} -> {after} bytes allocated"
         );
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -207,13 +216,15 @@ fn handshake_limit_drops_silent_clients() {
     let img = dir.path().join("a.raw");
     common::make_image(&img, 1 << 20, 5);
     let sock = dir.path().join("s.sock");
-    let mut child = Command::new(BLKD)
-        .args(["nbd", "--handshake-limit=1", "-t", "-f", "raw", "-k"])
-        .arg(&sock)
-        .arg(&img)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _server = KillOnDrop(
+        Command::new(BLKD)
+            .args(["nbd", "--handshake-limit=1", "-t", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(wait_for_path(&sock, Duration::from_secs(10)));
     let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     client
@@ -233,6 +244,4 @@ fn handshake_limit_drops_silent_clients() {
         waited < Duration::from_secs(5),
         "dropped after {waited:?}, not about 1 s"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -384,10 +384,8 @@ impl Server {
             warn!("NBD client {id}: cannot clear the handshake timeout: {e}");
             return;
         }
-        debug!(
-            "NBD client {id}: transmission on export '{}' ({mode:?})",
-            export.config.name
-        );
+        let name = export.config.name.clone();
+        info!("NBD client {id}: connected to export '{name}' ({mode:?})");
         transmission::run(
             id,
             export,
@@ -396,6 +394,7 @@ impl Server {
             contexts,
             self.config.max_in_flight,
         );
+        info!("NBD client {id}: disconnected from export '{name}'");
     }
 }
 

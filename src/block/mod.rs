@@ -195,6 +195,14 @@ impl DetectZeroes {
     }
 }
 
+/// What a node does with discards and with all-zero data, whatever its
+/// driver: `blockdev-add`'s `discard` and `detect-zeroes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WritePolicy {
+    pub discard: DiscardMode,
+    pub detect_zeroes: DetectZeroes,
+}
+
 /// Finds a node by name, for drivers that reference children.
 pub type NodeLookup<'a> = &'a dyn Fn(&str) -> Option<Arc<BlockNode>>;
 
@@ -251,6 +259,13 @@ impl<'a> OpenContext<'a> {
             lookup,
         };
         Ok(ctx)
+    }
+
+    pub fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            discard: self.discard,
+            detect_zeroes: self.detect_zeroes,
+        }
     }
 
     /// Finds a child node named in the options, with QEMU's error text.

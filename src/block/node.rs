@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use super::bitmap::DirtyBitmap;
-use super::{BlockDriver, DetectZeroes, ZeroFlags};
+use super::{BlockDriver, DetectZeroes, DiscardMode, WritePolicy, ZeroFlags};
 
 pub struct BlockNode {
     name: String,
@@ -18,7 +18,7 @@ pub struct BlockNode {
     /// Whether `bitmaps` is non-empty, so that writes to a node without
     /// bitmaps (the common case) take no lock.
     has_bitmaps: AtomicBool,
-    detect_zeroes: DetectZeroes,
+    policy: WritePolicy,
 }
 
 /// Whether every byte of `buf` is zero, a word at a time.
@@ -37,18 +37,23 @@ impl BlockNode {
             driver,
             has_bitmaps: AtomicBool::new(!bitmaps.is_empty()),
             bitmaps: Mutex::new(bitmaps),
-            detect_zeroes: DetectZeroes::Off,
+            policy: WritePolicy::default(),
         }
     }
 
-    /// The node, writing all-zero data as `mode` says.
-    pub fn detecting_zeroes(mut self, mode: DetectZeroes) -> Self {
-        self.detect_zeroes = mode;
+    /// The node, treating discards and all-zero data as `policy` says
+    /// (by default, as QEMU's: discards ignored, zeroes not detected).
+    pub fn with_policy(mut self, policy: WritePolicy) -> Self {
+        self.policy = policy;
         self
     }
 
     pub fn detect_zeroes(&self) -> DetectZeroes {
-        self.detect_zeroes
+        self.policy.detect_zeroes
+    }
+
+    fn may_unmap(&self) -> bool {
+        self.policy.discard == DiscardMode::Unmap
     }
 
     /// The node's `node-name`.
@@ -79,12 +84,10 @@ impl BlockNode {
     /// With `detect-zeroes`, all-zero data becomes a write-zeroes request.
     pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let result = if self.detect_zeroes != DetectZeroes::Off
-            && len > 0
-            && bufs.iter().all(|b| is_zero(b))
-        {
+        let detect = self.policy.detect_zeroes;
+        let result = if detect != DetectZeroes::Off && len > 0 && bufs.iter().all(|b| is_zero(b)) {
             let flags = ZeroFlags {
-                may_unmap: self.detect_zeroes == DetectZeroes::Unmap,
+                may_unmap: detect == DetectZeroes::Unmap && self.may_unmap(),
                 fast_only: false,
             };
             self.driver.write_zeroes(offset, len, flags)
@@ -95,13 +98,20 @@ impl BlockNode {
         result
     }
 
+    /// Discards the range, unless the node ignores discards: then, as in
+    /// QEMU, nothing happens and nothing is marked dirty.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.may_unmap() {
+            return Ok(());
+        }
         let result = self.driver.discard(offset, len);
         self.mark_dirty(offset, len);
         result
     }
 
-    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+    /// Zeroes the range; it may be deallocated only if the node unmaps.
+    pub fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> io::Result<()> {
+        flags.may_unmap &= self.may_unmap();
         let result = self.driver.write_zeroes(offset, len, flags);
         if !(flags.fast_only && result.is_err()) {
             self.mark_dirty(offset, len);

@@ -94,25 +94,20 @@ impl Storage for NodeStorage {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
-        self.node
-            .driver()
-            .write_vectored(offset, &bufv.into_inner())
+        // Through the file node, so that its detect-zeroes, discard and bitmaps apply.
+        self.node.write_vectored(offset, &bufv.into_inner())
     }
 
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node
-            .driver()
-            .write_zeroes(offset, length, ZeroFlags::default())
+        self.node.write_zeroes(offset, length, ZeroFlags::default())
     }
 
     unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node
-            .driver()
-            .write_zeroes(offset, length, ZeroFlags::default())
+        self.node.write_zeroes(offset, length, ZeroFlags::default())
     }
 
     unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node.driver().discard(offset, length)
+        self.node.discard(offset, length)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -682,6 +677,40 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    fn zero_v2(&self, offset: u64, len: u64) -> io::Result<()> {
+        let cluster = self.header.cluster_size;
+        let end = offset + len;
+        let inner_start = offset.next_multiple_of(cluster);
+        let inner_end = if end == self.size() {
+            end
+        } else {
+            end - end % cluster
+        };
+        if self.backing.is_some() || inner_start >= inner_end {
+            return self.write_zero_buffers(offset, len);
+        }
+        self.write_zero_buffers(offset, inner_start - offset)?;
+        {
+            let mut image = self.image_mut();
+            self.check_mappings(&image, inner_start, inner_end - inner_start)?;
+            image.discard_to_backing(inner_start, inner_end - inner_start)?;
+        }
+        self.write_zero_buffers(inner_end, end - inner_end)
+    }
+
+    /// Writes `len` zero bytes as data, a MiB at a time.
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(CHUNK) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(CHUNK) as usize;
+            self.write_vectored(offset, &[IoSlice::new(&zeroes[..n])])?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
     fn cluster_aligned(&self, offset: u64, len: u64, size: u64) -> bool {
         let end = offset.saturating_add(len);
         offset.is_multiple_of(self.header.cluster_size)
@@ -754,6 +783,12 @@ impl BlockDriver for Qcow2Driver {
             if self.header.version < 3 || !self.cluster_aligned(offset, len, size) {
                 return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
             }
+        }
+        // Zero clusters need v3. On v2, as QEMU: without a backing file,
+        // whole clusters are deallocated (they read as zeroes); the rest is
+        // written as zero data.
+        if self.header.version < 3 {
+            return self.zero_v2(offset, len);
         }
         // Like QEMU, only a node opened with discard=unmap frees clusters.
         if flags.may_unmap && self.discard == DiscardMode::Unmap {

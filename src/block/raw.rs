@@ -195,13 +195,15 @@ impl BlockDriver for RawDriver {
                 "Disk size too large for the chosen offset",
             )
         })?;
-        self.child.driver().resize(child_size)
+        // Through the child node, so that its bitmaps grow with it.
+        self.child.resize(child_size)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::WritePolicy;
     use serde_json::json;
 
     struct Graph {
@@ -213,7 +215,7 @@ mod tests {
             self.nodes.iter().find(|n| n.name() == name).cloned()
         }
 
-        fn open(&self, opts: Value) -> Result<Box<dyn BlockDriver>, String> {
+        fn open(&self, opts: Value) -> Result<(Box<dyn BlockDriver>, WritePolicy), String> {
             let opts = opts.as_object().cloned().unwrap_or_default();
             let lookup = |name: &str| self.lookup(name);
             let ctx = OpenContext::from_options(&opts, &lookup)?;
@@ -222,11 +224,12 @@ mod tests {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            crate::block::open(&driver, &opts, &ctx)
+            crate::block::open(&driver, &opts, &ctx).map(|d| (d, ctx.write_policy()))
         }
 
         fn add(&mut self, name: &str, opts: Value) -> Arc<BlockNode> {
-            let node = Arc::new(BlockNode::new(name.to_string(), self.open(opts).unwrap()));
+            let (driver, policy) = self.open(opts).unwrap();
+            let node = Arc::new(BlockNode::new(name.to_string(), driver).with_policy(policy));
             self.nodes.push(Arc::clone(&node));
             node
         }
