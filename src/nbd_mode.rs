@@ -96,6 +96,18 @@ fn command() -> Command {
                 .help("go to the background once the server is ready"),
         )
         .arg(
+            Arg::new("offset")
+                .short('o')
+                .long("offset")
+                .help("export the image from this byte offset on"),
+        )
+        .arg(
+            Arg::new("image-opts")
+                .long("image-opts")
+                .action(ArgAction::SetTrue)
+                .help("the image argument is a --blockdev option string, not a file name"),
+        )
+        .arg(
             Arg::new("handshake-limit")
                 .long("handshake-limit")
                 .help("drop clients that have not finished the handshake after N seconds (default 10; 0 for never)"),
@@ -161,6 +173,14 @@ fn command() -> Command {
                 .help("print the version and exit"),
         )
         .arg(Arg::new("image").required_unless_present("version").help("the image file"))
+        // As getopt: an option's value may start with '-' (`-x -v`, `-o -1`).
+        .mut_args(|a| {
+            if a.get_action().takes_values() && !a.is_positional() {
+                a.allow_hyphen_values(true)
+            } else {
+                a
+            }
+        })
 }
 
 /// What qemu-nbd's `--cache` modes mean for the file node and the export.
@@ -256,19 +276,26 @@ fn once(m: &clap::ArgMatches, key: &str, error: &str) -> Result<Option<String>, 
 
 /// A C `int` as qemu-nbd reads it (strtol base 0: decimal, 0x hex or 0 octal).
 fn parse_c_int(text: &str) -> Option<i32> {
+    parse_c_integer(text).and_then(|v| i32::try_from(v).ok())
+}
+
+fn parse_c_integer(text: &str) -> Option<i128> {
     let t = text.trim_start();
     let (negative, t) = match t.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, t.strip_prefix('+').unwrap_or(t)),
     };
+    if t.starts_with(['+', '-']) {
+        return None;
+    }
     let value = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        i64::from_str_radix(hex, 16).ok()?
+        i128::from_str_radix(hex, 16).ok()?
     } else if t.len() > 1 && t.starts_with('0') {
-        i64::from_str_radix(&t[1..], 8).ok()?
+        i128::from_str_radix(&t[1..], 8).ok()?
     } else {
-        t.parse::<i64>().ok()?
+        t.parse::<i128>().ok()?
     };
-    i32::try_from(if negative { -value } else { value }).ok()
+    Some(if negative { -value } else { value })
 }
 
 /// Translates the one-line form into the daemon's options.
@@ -276,7 +303,6 @@ fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
     let get = |k: &str| m.get_one::<String>(k).cloned();
     let image = get("image").unwrap_or_default();
     let read_only = m.get_flag("read-only");
-    let format = get("format").unwrap_or_else(|| probe_format(&image));
     const CACHE_TWICE: &str = "-n and --cache can only be specified once";
     let cache = match (once(m, "cache", CACHE_TWICE)?, m.get_count("nocache")) {
         (Some(_), 1..) | (None, 2..) => return Err(CACHE_TWICE.into()),
@@ -319,32 +345,77 @@ fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
     // Both nodes get the mode: the top node's decides whether discards reach
     // the file, and the file node's whether they unmap there.
     let discard = discard.map(|d| format!(",discard={d}")).unwrap_or_default();
-    let mut file = format!(
-        "driver=file,node-name=file0,filename={},read-only={}{discard}",
-        escape(&image),
-        on_off(read_only),
-    );
-    if cache.direct {
-        file.push_str(",cache.direct=on");
-    }
-    if cache.no_flush {
-        file.push_str(",cache.no-flush=on");
-    }
-    if let Some(aio) = aio {
-        file.push_str(&format!(",aio={aio}"));
-    }
-    push(OptionKind::Blockdev, file);
-    push(
-        OptionKind::Blockdev,
-        format!(
-            "driver={},node-name=disk0,file=file0,read-only={}{discard}{}",
-            escape(&format),
-            on_off(read_only),
-            detect_zeroes
-                .map(|d| format!(",detect-zeroes={d}"))
-                .unwrap_or_default(),
+    let detect_zeroes = detect_zeroes
+        .map(|d| format!(",detect-zeroes={d}"))
+        .unwrap_or_default();
+    let offset = match get("offset") {
+        Some(o) => Some(
+            parse_c_integer(&o)
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(|| format!("Invalid offset '{o}'"))?,
         ),
-    );
+        None => None,
+    };
+    // The exported node takes detect-zeroes, as qemu-nbd's root node does.
+    let (image_zeroes, offset_zeroes) = match offset {
+        Some(_) => (String::new(), detect_zeroes),
+        None => (detect_zeroes, String::new()),
+    };
+    let mut image_node = if m.get_flag("image-opts") {
+        if get("format").is_some() {
+            return Err("--image-opts and -f are mutually exclusive".into());
+        }
+        let mut cache_opts = String::new();
+        if cache.direct {
+            cache_opts.push_str(",cache.direct=on");
+        }
+        if cache.no_flush {
+            cache_opts.push_str(",cache.no-flush=on");
+        }
+        image_opts_node(
+            &image,
+            read_only,
+            &[discard.as_str(), &image_zeroes, &cache_opts],
+        )?
+    } else {
+        let format = get("format").unwrap_or_else(|| probe_format(&image));
+        let mut file = format!(
+            "driver=file,node-name=file0,filename={},read-only={}{discard}",
+            escape(&image),
+            on_off(read_only),
+        );
+        if cache.direct {
+            file.push_str(",cache.direct=on");
+        }
+        if cache.no_flush {
+            file.push_str(",cache.no-flush=on");
+        }
+        if let Some(aio) = aio {
+            file.push_str(&format!(",aio={aio}"));
+        }
+        push(OptionKind::Blockdev, file);
+        (
+            format!(
+                "driver={},node-name=disk0,file=file0,read-only={}{discard}{image_zeroes}",
+                escape(&format),
+                on_off(read_only),
+            ),
+            "disk0".to_string(),
+        )
+    };
+    push(OptionKind::Blockdev, image_node.0.clone());
+    if let Some(offset) = offset {
+        // As qemu-nbd: a raw node with the offset on top of the image.
+        push(
+            OptionKind::Blockdev,
+            format!(
+                "driver=raw,node-name=offset0,file={},offset={offset},read-only={}{discard}{offset_zeroes}",
+                escape(&image_node.1),
+                on_off(read_only),
+            ),
+        );
+        image_node.1 = "offset0".into();
+    }
     let shared: u32 = get("shared")
         .map(|s| {
             s.parse()
@@ -378,7 +449,8 @@ fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
     }
     push(OptionKind::NbdServer, server);
     let mut export = format!(
-        "type=nbd,id=export0,node-name=disk0,name={},writable={}",
+        "type=nbd,id=export0,node-name={},name={},writable={}",
+        escape(&image_node.1),
         escape(&get("export-name").unwrap_or_default()),
         on_off(!read_only)
     );
@@ -401,6 +473,39 @@ fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
         push(OptionKind::Pidfile, p);
     }
     Ok(opts)
+}
+
+/// The image node from an `--image-opts` string: its options, plus the
+/// command line's where the string does not set them; and its node name.
+fn image_opts_node(
+    image: &str,
+    read_only: bool,
+    extra: &[&str],
+) -> Result<(String, String), String> {
+    let given = crate::keyval::parse(image, None)?;
+    let mut opts = image.to_string();
+    let name = match given.get("node-name").and_then(serde_json::Value::as_str) {
+        Some(name) => name.to_string(),
+        None => {
+            opts.push_str(",node-name=disk0");
+            "disk0".to_string()
+        }
+    };
+    if read_only && !given.contains_key("read-only") {
+        opts.push_str(",read-only=on");
+    }
+    // Each extra is empty or ",key=value" (keys under "cache." count as "cache").
+    for option in extra {
+        let key = option
+            .trim_start_matches(',')
+            .split(['=', '.'])
+            .next()
+            .unwrap_or_default();
+        if !key.is_empty() && !given.contains_key(key) {
+            opts.push_str(option);
+        }
+    }
+    Ok((opts, name))
 }
 
 fn socket_activated() -> bool {
@@ -432,7 +537,7 @@ pub fn run(args: &[String]) -> ExitCode {
             persistent,
             fork,
             ..
-        }) => crate::startup::run_with(options, fork, !persistent),
+        }) => crate::startup::run_with(options, fork, !persistent, true),
         Err(msg) => {
             eprintln!("blkd nbd: {msg}");
             ExitCode::FAILURE
@@ -510,6 +615,8 @@ mod tests {
         assert!(verbose(&args(&["-vt", "-f", "raw", "/i"])));
         // An export named "-v" is not a request for verbosity.
         assert!(!verbose(&args(&["-x", "-v", "-f", "raw", "/i"])));
+        let values = translate(&["-x", "-v", "-f", "raw", "/i"]).unwrap();
+        assert!(values[3].contains(",name=-v,"), "{values:?}");
         // Most options may repeat; the last value wins.
         let values = translate(&["-x", "a", "-x", "b", "-f", "raw", "/i"]).unwrap();
         assert!(values[3].contains(",name=b,"), "{values:?}");
@@ -550,6 +657,41 @@ mod tests {
             let mut args = args.to_vec();
             args.extend(["-f", "raw", "/i"]);
             assert_eq!(translate(&args).unwrap_err(), error, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn image_opts_keep_their_own_settings_and_offsets_stack_a_raw_node() {
+        let values = translate(&[
+            "-r",
+            "--discard=unmap",
+            "--detect-zeroes=on",
+            "-n",
+            "--image-opts",
+            "driver=qcow2,node-name=img,file.filename=/i,discard=ignore",
+        ])
+        .unwrap();
+        assert_eq!(
+            values[0],
+            "--blockdev driver=qcow2,node-name=img,file.filename=/i,discard=ignore,read-only=on,detect-zeroes=on,cache.direct=on"
+        );
+        assert!(values[2].contains(",node-name=img,"), "{values:?}");
+        let values = translate(&["-o", "0x200", "--detect-zeroes=on", "-f", "raw", "/i"]).unwrap();
+        assert_eq!(
+            values[2],
+            "--blockdev driver=raw,node-name=offset0,file=disk0,offset=512,read-only=off,detect-zeroes=on"
+        );
+        assert!(!values[1].contains("detect-zeroes"), "{values:?}");
+        assert!(values[4].contains(",node-name=offset0,"), "{values:?}");
+        for (args, error) in [
+            (
+                &["--image-opts", "-f", "raw", "driver=raw"][..],
+                "--image-opts and -f are mutually exclusive",
+            ),
+            (&["-o", "x", "/i"][..], "Invalid offset 'x'"),
+            (&["-o", "-1", "/i"][..], "Invalid offset '-1'"),
+        ] {
+            assert_eq!(translate(args).unwrap_err(), error, "{args:?}");
         }
     }
 

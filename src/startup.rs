@@ -74,12 +74,19 @@ pub fn apply_option(daemon: &mut Daemon, opt: &CliOption) -> Result<(), String> 
 
 /// Builds the daemon from `options`, then serves until quit or a signal.
 pub fn run(options: Vec<CliOption>, daemonize: bool) -> ExitCode {
-    run_with(options, daemonize, false)
+    run_with(options, daemonize, false, false)
 }
 
 /// [`run`], optionally exiting once the last NBD client has gone (qemu-nbd's
 /// behaviour without `--persistent`).
-pub fn run_with(options: Vec<CliOption>, daemonize: bool, exit_when_idle: bool) -> ExitCode {
+/// `one_line`: the options were made by `blkd nbd`, so errors name the
+/// cause alone, not the option string the user never wrote.
+pub fn run_with(
+    options: Vec<CliOption>,
+    daemonize: bool,
+    exit_when_idle: bool,
+    one_line: bool,
+) -> ExitCode {
     let status_pipe = if daemonize {
         match fork_into_background() {
             Background::Parent(code) => return code,
@@ -110,7 +117,12 @@ pub fn run_with(options: Vec<CliOption>, daemonize: bool, exit_when_idle: bool) 
     for opt in &options {
         if let Err(msg) = apply_option(&mut daemon, opt) {
             daemon.shutdown();
-            return report_failure(format!("blkd: {}: {msg}", opt.as_typed()), status_pipe);
+            let msg = if one_line {
+                format!("blkd nbd: {msg}")
+            } else {
+                format!("blkd: {}: {msg}", opt.as_typed())
+            };
+            return report_failure(msg, status_pipe);
         }
     }
     if let Some(opt) = options.iter().rev().find(|o| o.kind == OptionKind::Pidfile) {

@@ -245,3 +245,75 @@ fn handshake_limit_drops_silent_clients() {
         "dropped after {waited:?}, not about 1 s"
     );
 }
+
+/// What a client sees of an export: its size and its bytes.
+fn export_contents(program: &str, args: &[&str]) -> (u64, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut cmd = Command::new(program);
+    if program == BLKD {
+        cmd.arg("nbd");
+    }
+    let _server = KillOnDrop(
+        cmd.args(["-t", "-k"])
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(10)),
+        "{program} {args:?}"
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let size = run_ok("nbdinfo", &["--size", &uri]).trim().parse().unwrap();
+    let out = dir.path().join("out.raw");
+    run_ok("nbdcopy", &[&uri, out.to_str().unwrap()]);
+    (size, std::fs::read(&out).unwrap())
+}
+
+/// `-o OFFSET` (a raw node with the offset on top of the image, also over
+/// qcow2) and `--image-opts`, side by side with qemu-nbd.
+#[test]
+fn offset_and_image_opts_as_qemu_nbd() {
+    if common::missing_tools(&["nbdinfo", "nbdcopy", "qemu-img", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("a.raw");
+    common::make_image(&raw, 1 << 20, 7);
+    let qcow2 = dir.path().join("b.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow2.to_str().unwrap(),
+        ],
+    );
+    let (r, q) = (raw.to_str().unwrap(), qcow2.to_str().unwrap());
+    let image_opts = format!("driver=qcow2,file.driver=file,file.filename={q}");
+    let cases: [Vec<&str>; 4] = [
+        vec!["-r", "-o", "4096", "-f", "raw", r],
+        vec!["-r", "--offset=0x2000", "-f", "qcow2", q],
+        vec!["-r", "--image-opts", &image_opts],
+        vec!["-r", "--image-opts", "-o", "512", &image_opts],
+    ];
+    let data = std::fs::read(&raw).unwrap();
+    let offsets = [4096, 8192, 0, 512];
+    for (args, offset) in cases.iter().zip(offsets) {
+        let ours = export_contents(BLKD, args);
+        assert_eq!(ours.0, (1 << 20) - offset as u64, "{args:?}");
+        assert_eq!(
+            ours.1,
+            data[offset..],
+            "{args:?}: the bytes from the offset on"
+        );
+        assert_eq!(ours, export_contents("qemu-nbd", args), "{args:?}");
+    }
+}
