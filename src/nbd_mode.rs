@@ -102,6 +102,13 @@ fn command() -> Command {
                 .help("export the image from this byte offset on"),
         )
         .arg(
+            Arg::new("snapshot")
+                .short('s')
+                .long("snapshot")
+                .action(ArgAction::SetTrue)
+                .help("write to a temporary qcow2 overlay on the image, deleted on exit"),
+        )
+        .arg(
             Arg::new("image-opts")
                 .long("image-opts")
                 .action(ArgAction::SetTrue)
@@ -243,7 +250,40 @@ pub enum Invocation {
         persistent: bool,
         fork: bool,
         verbose: bool,
+        /// `-s`: the overlay `options` open, to create before serving.
+        snapshot: Option<Snapshot>,
     },
+}
+
+/// A temporary qcow2 overlay over the image (`-s`), as qemu-nbd's.
+pub struct Snapshot {
+    overlay: std::path::PathBuf,
+    base: std::path::PathBuf,
+    base_format: String,
+}
+
+impl Snapshot {
+    /// Creates the overlay file, the size of the image it lies over.
+    fn create(&self) -> Result<(), String> {
+        let base = &self.base;
+        let size = if self.base_format == "qcow2" {
+            // The virtual size: header bytes 24..32, big-endian.
+            let mut size = [0u8; 8];
+            std::fs::File::open(base)
+                .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut size, 24))
+                .map_err(|e| format!("Could not open '{}': {e}", base.display()))?;
+            u64::from_be_bytes(size)
+        } else {
+            std::fs::metadata(base)
+                .map_err(|e| format!("Could not open '{}': {e}", base.display()))?
+                .len()
+        };
+        crate::block::qcow2::create(&self.overlay, size, base.to_str())
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.overlay);
+    }
 }
 
 /// Parses the one-line form.
@@ -256,8 +296,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
     if m.get_flag("version") {
         return Ok(Invocation::Version);
     }
+    let snapshot = snapshot_plan(&m)?;
     Ok(Invocation::Serve {
-        options: options(&m)?,
+        options: options(&m, snapshot.as_ref())?,
+        snapshot,
         persistent: m.get_flag("persistent"),
         fork: m.get_flag("fork"),
         verbose: m.get_flag("verbose"),
@@ -299,7 +341,34 @@ fn parse_c_integer(text: &str) -> Option<i128> {
 }
 
 /// Translates the one-line form into the daemon's options.
-fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
+/// Where `-s` puts its overlay, and what lies under it.
+fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
+    if !m.get_flag("snapshot") {
+        return Ok(None);
+    }
+    if m.get_flag("image-opts") {
+        return Err("--snapshot with --image-opts is not supported".into());
+    }
+    let image = m.get_one::<String>("image").cloned().unwrap_or_default();
+    let base = std::path::absolute(&image).map_err(|e| format!("Could not open '{image}': {e}"))?;
+    let base_format = m
+        .get_one::<String>("format")
+        .cloned()
+        .unwrap_or_else(|| probe_format(&image));
+    if !matches!(base_format.as_str(), "raw" | "qcow2") {
+        return Err(format!("Unknown driver '{base_format}'"));
+    }
+    let overlay = std::env::temp_dir().join(format!("blkd-nbd-{}.qcow2", std::process::id()));
+    Ok(Some(Snapshot {
+        overlay,
+        base,
+        base_format,
+    }))
+}
+
+/// Translates the one-line form into the daemon's options; with `-s`, the
+/// image node is `snapshot`'s overlay.
+fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliOption>, String> {
     let get = |k: &str| m.get_one::<String>(k).cloned();
     let image = get("image").unwrap_or_default();
     let read_only = m.get_flag("read-only");
@@ -378,10 +447,16 @@ fn options(m: &clap::ArgMatches) -> Result<Vec<CliOption>, String> {
             &[discard.as_str(), &image_zeroes, &cache_opts],
         )?
     } else {
-        let format = get("format").unwrap_or_else(|| probe_format(&image));
+        let (path, format) = match snapshot {
+            Some(s) => (s.overlay.display().to_string(), "qcow2".to_string()),
+            None => (
+                image.clone(),
+                get("format").unwrap_or_else(|| probe_format(&image)),
+            ),
+        };
         let mut file = format!(
             "driver=file,node-name=file0,filename={},read-only={}{discard}",
-            escape(&image),
+            escape(&path),
             on_off(read_only),
         );
         if cache.direct {
@@ -536,8 +611,24 @@ pub fn run(args: &[String]) -> ExitCode {
             options,
             persistent,
             fork,
+            snapshot,
             ..
-        }) => crate::startup::run_with(options, fork, !persistent, true),
+        }) => {
+            if let Some(s) = &snapshot {
+                if let Err(msg) = s.create() {
+                    eprintln!("blkd nbd: {msg}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            // As qemu-nbd: the overlay's name goes once it is open, so
+            // nothing is left behind however the server ends.
+            let remove = || {
+                if let Some(s) = &snapshot {
+                    s.remove();
+                }
+            };
+            crate::startup::run_with(options, fork, !persistent, true, remove)
+        }
         Err(msg) => {
             eprintln!("blkd nbd: {msg}");
             ExitCode::FAILURE

@@ -74,18 +74,20 @@ pub fn apply_option(daemon: &mut Daemon, opt: &CliOption) -> Result<(), String> 
 
 /// Builds the daemon from `options`, then serves until quit or a signal.
 pub fn run(options: Vec<CliOption>, daemonize: bool) -> ExitCode {
-    run_with(options, daemonize, false, false)
+    run_with(options, daemonize, false, false, || {})
 }
 
 /// [`run`], optionally exiting once the last NBD client has gone (qemu-nbd's
 /// behaviour without `--persistent`).
 /// `one_line`: the options were made by `blkd nbd`, so errors name the
-/// cause alone, not the option string the user never wrote.
+/// cause alone, not the option string the user never wrote. `applied` runs
+/// once every option has been applied (whether or not that succeeded).
 pub fn run_with(
     options: Vec<CliOption>,
     daemonize: bool,
     exit_when_idle: bool,
     one_line: bool,
+    applied: impl FnOnce(),
 ) -> ExitCode {
     let status_pipe = if daemonize {
         match fork_into_background() {
@@ -114,16 +116,22 @@ pub fn run_with(
         Err(e) => return report_failure(format!("blkd: {e}"), status_pipe),
     };
     daemon.exit_when_nbd_idle = exit_when_idle;
+    let mut failed = None;
     for opt in &options {
         if let Err(msg) = apply_option(&mut daemon, opt) {
-            daemon.shutdown();
-            let msg = if one_line {
-                format!("blkd nbd: {msg}")
-            } else {
-                format!("blkd: {}: {msg}", opt.as_typed())
-            };
-            return report_failure(msg, status_pipe);
+            failed = Some((opt, msg));
+            break;
         }
+    }
+    applied();
+    if let Some((opt, msg)) = failed {
+        daemon.shutdown();
+        let msg = if one_line {
+            format!("blkd nbd: {msg}")
+        } else {
+            format!("blkd: {}: {msg}", opt.as_typed())
+        };
+        return report_failure(msg, status_pipe);
     }
     if let Some(opt) = options.iter().rev().find(|o| o.kind == OptionKind::Pidfile) {
         match crate::pidfile::Pidfile::create(&opt.value) {

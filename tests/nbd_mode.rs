@@ -284,19 +284,8 @@ fn offset_and_image_opts_as_qemu_nbd() {
     let raw = dir.path().join("a.raw");
     common::make_image(&raw, 1 << 20, 7);
     let qcow2 = dir.path().join("b.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            qcow2.to_str().unwrap(),
-        ],
-    );
     let (r, q) = (raw.to_str().unwrap(), qcow2.to_str().unwrap());
+    run_ok("qemu-img", &["convert", "-O", "qcow2", "-f", "raw", r, q]);
     let image_opts = format!("driver=qcow2,file.driver=file,file.filename={q}");
     let cases: [Vec<&str>; 4] = [
         vec!["-r", "-o", "4096", "-f", "raw", r],
@@ -315,5 +304,85 @@ fn offset_and_image_opts_as_qemu_nbd() {
             "{args:?}: the bytes from the offset on"
         );
         assert_eq!(ours, export_contents("qemu-nbd", args), "{args:?}");
+    }
+}
+
+/// `-s`: writes land in a temporary overlay in TMPDIR, which has no name
+/// once open, and the image keeps its bytes. qemu-nbd side by side.
+#[test]
+fn snapshot_writes_to_a_temporary_overlay_as_qemu_nbd() {
+    if common::missing_tools(&["qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    for program in [BLKD, "qemu-nbd"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.raw");
+        common::make_image(&img, 1 << 20, 11);
+        let before = std::fs::read(&img).unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let sock = dir.path().join("s.sock");
+        let mut cmd = Command::new(program);
+        if program == BLKD {
+            cmd.arg("nbd");
+        }
+        let mut server = KillOnDrop(
+            cmd.args(["-s", "-f", "raw", "-k"])
+                .arg(&sock)
+                .arg(&img)
+                .env("TMPDIR", &tmp)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
+        // The overlay is in TMPDIR, open but soon without a name (qemu-nbd
+        // listens before it opens the image).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_dir(&tmp).unwrap().count() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{program}: the overlay keeps its name"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let deleted_in_tmp = std::fs::read_dir(format!("/proc/{}/fd", server.0.id()))
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| {
+                let target = target.to_string_lossy().into_owned();
+                target.starts_with(tmp.to_str().unwrap()) && target.ends_with(" (deleted)")
+            });
+        assert!(deleted_in_tmp, "{program}: no open overlay in TMPDIR");
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let out = run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 4k 64k",
+                "-c",
+                "read -P 0x5a 4k 64k",
+                &uri,
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{program}: {out}");
+        // Without -t the server exits after its last client.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while server.0.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{program} kept running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            before,
+            "{program}: the image is untouched"
+        );
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{program}");
     }
 }
