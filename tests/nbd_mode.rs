@@ -109,6 +109,15 @@ fn socket_activation_from_libnbd() {
     assert_eq!(out.trim(), (2 << 20).to_string());
 }
 
+/// `blkd nbd` or `qemu-nbd`, to take the same arguments.
+fn qemu_nbd_like(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    if program == BLKD {
+        cmd.arg("nbd");
+    }
+    cmd
+}
+
 /// A server killed when the test ends, passed or failed.
 struct KillOnDrop(std::process::Child);
 
@@ -153,10 +162,7 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
         run_ok("sync", &[]);
         let before = allocated(&img);
         let sock = dir.path().join("s.sock");
-        let mut cmd = Command::new(program);
-        if program == BLKD {
-            cmd.arg("nbd");
-        }
+        let mut cmd = qemu_nbd_like(program);
         let child = cmd
             .args([
                 "--cache=none",
@@ -250,10 +256,7 @@ fn handshake_limit_drops_silent_clients() {
 fn export_contents(program: &str, args: &[&str]) -> (u64, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
-    let mut cmd = Command::new(program);
-    if program == BLKD {
-        cmd.arg("nbd");
-    }
+    let mut cmd = qemu_nbd_like(program);
     let _server = KillOnDrop(
         cmd.args(["-t", "-k"])
             .arg(&sock)
@@ -322,10 +325,7 @@ fn snapshot_writes_to_a_temporary_overlay_as_qemu_nbd() {
         let tmp = dir.path().join("tmp");
         std::fs::create_dir(&tmp).unwrap();
         let sock = dir.path().join("s.sock");
-        let mut cmd = Command::new(program);
-        if program == BLKD {
-            cmd.arg("nbd");
-        }
+        let mut cmd = qemu_nbd_like(program);
         let mut server = KillOnDrop(
             cmd.args(["-s", "-f", "raw", "-k"])
                 .arg(&sock)
