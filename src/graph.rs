@@ -72,10 +72,21 @@ impl Graph {
                     return Err(format!("Duplicate nodes with node-name='{child_name}'"));
                 }
                 let mut child_opts = child_opts.clone();
-                // As QEMU's inherited options: the parent's discard mode decides.
+                // As QEMU's inherited options: the parent's discard mode
+                // decides, and its cache settings carry down.
                 child_opts
                     .entry("discard")
                     .or_insert(Value::String("unmap".into()));
+                if let Some(Value::Object(parent_cache)) = opts.get("cache") {
+                    let cache = child_opts
+                        .entry("cache")
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Value::Object(cache) = cache {
+                        for (key, value) in parent_cache {
+                            cache.entry(key.clone()).or_insert_with(|| value.clone());
+                        }
+                    }
+                }
                 // A child of a read-only node is read-only too.
                 if opts.get("read-only") == Some(&Value::Bool(true)) {
                     child_opts.entry("read-only").or_insert(Value::Bool(true));

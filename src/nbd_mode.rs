@@ -106,7 +106,7 @@ fn command() -> Command {
                 .short('s')
                 .long("snapshot")
                 .action(ArgAction::SetTrue)
-                .help("write to a temporary qcow2 overlay on the image, deleted on exit"),
+                .help("write to a temporary qcow2 overlay on the image (in $TMPDIR, else /var/tmp; unlinked once open)"),
         )
         .arg(
             Arg::new("image-opts")
@@ -255,30 +255,47 @@ pub enum Invocation {
     },
 }
 
-/// A temporary qcow2 overlay over the image (`-s`), as qemu-nbd's.
+/// A temporary qcow2 overlay over the image (`-s`), as qemu-nbd's. The
+/// image stays its own read-only node (its format as given or probed), and
+/// the overlay names it as its backing node, so nothing in the image's bytes
+/// can choose what lies under the overlay.
 pub struct Snapshot {
     overlay: std::path::PathBuf,
-    base: std::path::PathBuf,
+    base: String,
     base_format: String,
 }
 
 impl Snapshot {
-    /// Creates the overlay file, the size of the image it lies over.
+    /// Creates the overlay file (mode 0600), the size of the image.
     fn create(&self) -> Result<(), String> {
+        use std::io::{Seek, SeekFrom};
         let base = &self.base;
+        let mut file =
+            std::fs::File::open(base).map_err(|e| format!("Could not open '{base}': {e}"))?;
         let size = if self.base_format == "qcow2" {
-            // The virtual size: header bytes 24..32, big-endian.
-            let mut size = [0u8; 8];
-            std::fs::File::open(base)
-                .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut size, 24))
-                .map_err(|e| format!("Could not open '{}': {e}", base.display()))?;
-            u64::from_be_bytes(size)
+            // The magic, then the virtual size at bytes 24..32, big-endian.
+            let mut header = [0u8; 32];
+            std::io::Read::read_exact(&mut file, &mut header)
+                .ok()
+                .filter(|()| header[..4] == *b"QFI\xfb")
+                .ok_or("Image is not in qcow2 format")?;
+            u64::from_be_bytes(header[24..32].try_into().unwrap_or_default())
         } else {
-            std::fs::metadata(base)
-                .map_err(|e| format!("Could not open '{}': {e}", base.display()))?
-                .len()
+            // Seeking works for block devices too, where the length is 0.
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| format!("Could not open '{base}': {e}"))?
         };
-        crate::block::qcow2::create(&self.overlay, size, base.to_str())
+        // Whole sectors, as QEMU sizes every node.
+        let size = size.div_ceil(512).saturating_mul(512);
+        let created = crate::block::qcow2::create(&self.overlay, size, None).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.overlay, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("Could not create '{}': {e}", self.overlay.display()))
+        });
+        if created.is_err() {
+            self.remove();
+        }
+        created
     }
 
     fn remove(&self) {
@@ -327,21 +344,24 @@ fn parse_c_integer(text: &str) -> Option<i128> {
         Some(rest) => (true, rest),
         None => (false, t.strip_prefix('+').unwrap_or(t)),
     };
-    if t.starts_with(['+', '-']) {
+    let (digits, radix) = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (hex, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    // Digits only: no second sign, no trailing garbage (QEMU's strtol
+    // wrappers refuse both).
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
-    let value = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        i128::from_str_radix(hex, 16).ok()?
-    } else if t.len() > 1 && t.starts_with('0') {
-        i128::from_str_radix(&t[1..], 8).ok()?
-    } else {
-        t.parse::<i128>().ok()?
-    };
+    let value = i128::from_str_radix(digits, radix).ok()?;
     Some(if negative { -value } else { value })
 }
 
-/// Translates the one-line form into the daemon's options.
-/// Where `-s` puts its overlay, and what lies under it.
+/// Where `-s` puts its overlay (`$TMPDIR`, else /var/tmp, as QEMU), and
+/// what lies under it.
 fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
     if !m.get_flag("snapshot") {
         return Ok(None);
@@ -349,16 +369,18 @@ fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
     if m.get_flag("image-opts") {
         return Err("--snapshot with --image-opts is not supported".into());
     }
-    let image = m.get_one::<String>("image").cloned().unwrap_or_default();
-    let base = std::path::absolute(&image).map_err(|e| format!("Could not open '{image}': {e}"))?;
+    let base = m.get_one::<String>("image").cloned().unwrap_or_default();
     let base_format = m
         .get_one::<String>("format")
         .cloned()
-        .unwrap_or_else(|| probe_format(&image));
-    if !matches!(base_format.as_str(), "raw" | "qcow2") {
-        return Err(format!("Unknown driver '{base_format}'"));
-    }
-    let overlay = std::env::temp_dir().join(format!("blkd-nbd-{}.qcow2", std::process::id()));
+        .unwrap_or_else(|| probe_format(&base));
+    let dir = std::env::var_os("TMPDIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let overlay = dir.join(format!("blkd-nbd-{}-{unique:09}.qcow2", std::process::id()));
     Ok(Some(Snapshot {
         overlay,
         base,
@@ -413,18 +435,26 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
     }
     // Both nodes get the mode: the top node's decides whether discards reach
     // the file, and the file node's whether they unmap there.
+    let discard_value = discard;
     let discard = discard.map(|d| format!(",discard={d}")).unwrap_or_default();
+    let detect_zeroes_value = detect_zeroes.clone();
     let detect_zeroes = detect_zeroes
         .map(|d| format!(",detect-zeroes={d}"))
         .unwrap_or_default();
     let offset = match get("offset") {
-        Some(o) => Some(
-            parse_c_integer(&o)
-                .and_then(|v| u64::try_from(v).ok())
-                .ok_or_else(|| format!("Invalid offset '{o}'"))?,
-        ),
-        None => None,
+        Some(o) => match parse_c_integer(&o) {
+            None => return Err(format!("Invalid offset '{o}'")),
+            Some(v) if v < 0 => {
+                return Err(format!(
+                    "Value '{o}' is out of range for parameter 'offset'"
+                ))
+            }
+            Some(v) => u64::try_from(v).map_err(|_| format!("Invalid offset '{o}'"))?,
+        },
+        None => 0,
     };
+    // As qemu-nbd, offset 0 adds no node.
+    let offset = (offset > 0).then_some(offset);
     // The exported node takes detect-zeroes, as qemu-nbd's root node does.
     let (image_zeroes, offset_zeroes) = match offset {
         Some(_) => (String::new(), detect_zeroes),
@@ -434,30 +464,26 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
         if get("format").is_some() {
             return Err("--image-opts and -f are mutually exclusive".into());
         }
-        let mut cache_opts = String::new();
-        if cache.direct {
-            cache_opts.push_str(",cache.direct=on");
-        }
-        if cache.no_flush {
-            cache_opts.push_str(",cache.no-flush=on");
-        }
+        let detect_zeroes = detect_zeroes_value.as_deref().unwrap_or("off");
         image_opts_node(
             &image,
-            read_only,
-            &[discard.as_str(), &image_zeroes, &cache_opts],
+            &ImageDefaults {
+                read_only,
+                discard: discard_value,
+                // With -o, the offset node on top is the exported one.
+                detect_zeroes: offset.is_none().then_some(detect_zeroes),
+                cache: &cache,
+                aio: aio.as_deref(),
+            },
         )?
     } else {
-        let (path, format) = match snapshot {
-            Some(s) => (s.overlay.display().to_string(), "qcow2".to_string()),
-            None => (
-                image.clone(),
-                get("format").unwrap_or_else(|| probe_format(&image)),
-            ),
-        };
+        let format = get("format").unwrap_or_else(|| probe_format(&image));
+        // With -s, the image is the overlay's read-only backing node.
+        let image_read_only = read_only || snapshot.is_some();
         let mut file = format!(
             "driver=file,node-name=file0,filename={},read-only={}{discard}",
-            escape(&path),
-            on_off(read_only),
+            escape(&image),
+            on_off(image_read_only),
         );
         if cache.direct {
             file.push_str(",cache.direct=on");
@@ -469,14 +495,40 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
             file.push_str(&format!(",aio={aio}"));
         }
         push(OptionKind::Blockdev, file);
-        (
-            format!(
-                "driver={},node-name=disk0,file=file0,read-only={}{discard}{image_zeroes}",
-                escape(&format),
-                on_off(read_only),
+        match snapshot {
+            Some(s) => {
+                push(
+                    OptionKind::Blockdev,
+                    format!(
+                        "driver={},node-name=base0,file=file0,read-only=on",
+                        escape(&format)
+                    ),
+                );
+                // As qemu-nbd's temporary overlay: cached, never flushed.
+                push(
+                    OptionKind::Blockdev,
+                    format!(
+                        "driver=file,node-name=overlay0,filename={},cache.no-flush=on{discard}",
+                        escape(&s.overlay.display().to_string()),
+                    ),
+                );
+                (
+                    format!(
+                        "driver=qcow2,node-name=disk0,file=overlay0,backing=base0,read-only={}{discard}{image_zeroes}",
+                        on_off(read_only),
+                    ),
+                    "disk0".to_string(),
+                )
+            }
+            None => (
+                format!(
+                    "driver={},node-name=disk0,file=file0,read-only={}{discard}{image_zeroes}",
+                    escape(&format),
+                    on_off(read_only),
+                ),
+                "disk0".to_string(),
             ),
-            "disk0".to_string(),
-        )
+        }
     };
     push(OptionKind::Blockdev, image_node.0.clone());
     if let Some(offset) = offset {
@@ -550,37 +602,93 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
     Ok(opts)
 }
 
-/// The image node from an `--image-opts` string: its options, plus the
-/// command line's where the string does not set them; and its node name.
-fn image_opts_node(
-    image: &str,
+/// What the command line gives an `--image-opts` node.
+struct ImageDefaults<'a> {
     read_only: bool,
-    extra: &[&str],
-) -> Result<(String, String), String> {
-    let given = crate::keyval::parse(image, None)?;
-    let mut opts = image.to_string();
-    let name = match given.get("node-name").and_then(serde_json::Value::as_str) {
-        Some(name) => name.to_string(),
-        None => {
-            opts.push_str(",node-name=disk0");
-            "disk0".to_string()
+    discard: Option<&'a str>,
+    /// Set whatever the string says (qemu-nbd sets it on the node it exports).
+    detect_zeroes: Option<&'a str>,
+    cache: &'a CacheChoice,
+    aio: Option<&'a str>,
+}
+
+/// The image node from an `--image-opts` string, with what the command line
+/// adds where the string is silent, as qemu-nbd opens it: a missing format
+/// is probed and an inline `file` is a file. Returns the node's options and
+/// name.
+fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String), String> {
+    use serde_json::Value;
+    let mut map = crate::keyval::parse(image, None)?;
+    let text = |v: &str| Value::String(v.to_string());
+    if let Some(Value::Object(file)) = map.get_mut("file") {
+        file.entry("driver").or_insert_with(|| text("file"));
+        if let Some(aio) = d.aio {
+            file.entry("aio").or_insert_with(|| text(aio));
         }
-    };
-    if read_only && !given.contains_key("read-only") {
-        opts.push_str(",read-only=on");
+    } else if let Some(aio) = d.aio {
+        map.entry("aio").or_insert_with(|| text(aio));
     }
-    // Each extra is empty or ",key=value" (keys under "cache." count as "cache").
-    for option in extra {
-        let key = option
-            .trim_start_matches(',')
-            .split(['=', '.'])
-            .next()
+    if !map.contains_key("driver") {
+        let filename = map
+            .get("file")
+            .and_then(|f| f.get("filename"))
+            .and_then(Value::as_str)
             .unwrap_or_default();
-        if !key.is_empty() && !given.contains_key(key) {
-            opts.push_str(option);
+        map.insert("driver".into(), text(&probe_format(filename)));
+    }
+    let name = map
+        .entry("node-name")
+        .or_insert_with(|| text("disk0"))
+        .as_str()
+        .unwrap_or("disk0")
+        .to_string();
+    if d.read_only {
+        map.entry("read-only").or_insert_with(|| text("on"));
+    }
+    if let Some(discard) = d.discard {
+        map.entry("discard").or_insert_with(|| text(discard));
+    }
+    if let Some(zeroes) = d.detect_zeroes {
+        map.insert("detect-zeroes".into(), text(zeroes));
+    }
+    let cache = map
+        .entry("cache")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(cache) = cache {
+        for (key, on) in [("direct", d.cache.direct), ("no-flush", d.cache.no_flush)] {
+            if on {
+                cache.entry(key).or_insert_with(|| text("on"));
+            }
+        }
+        if cache.is_empty() {
+            map.remove("cache");
         }
     }
-    Ok((opts, name))
+    Ok((keyval_string(&map, ""), name))
+}
+
+/// Options back in keyval form (`a.b=v,c=w`), commas in values doubled.
+fn keyval_string(map: &serde_json::Map<String, serde_json::Value>, prefix: &str) -> String {
+    let mut parts = Vec::new();
+    for (key, value) in map {
+        let key = format!("{prefix}{key}");
+        match value {
+            serde_json::Value::Object(inner) => {
+                parts.push(keyval_string(inner, &format!("{key}.")))
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let mut one = serde_json::Map::new();
+                    one.insert(i.to_string(), item.clone());
+                    parts.push(keyval_string(&one, &format!("{key}.")));
+                }
+            }
+            serde_json::Value::String(v) => parts.push(format!("{key}={}", escape(v))),
+            other => parts.push(format!("{key}={other}")),
+        }
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(",")
 }
 
 fn socket_activated() -> bool {
@@ -620,14 +728,16 @@ pub fn run(args: &[String]) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            // As qemu-nbd: the overlay's name goes once it is open, so
-            // nothing is left behind however the server ends.
+            // As qemu-nbd: the overlay's name goes once it is open. And
+            // again on the way out, for a start that failed before that.
             let remove = || {
                 if let Some(s) = &snapshot {
                     s.remove();
                 }
             };
-            crate::startup::run_with(options, fork, !persistent, true, remove)
+            let code = crate::startup::run_with(options, fork, !persistent, true, remove);
+            remove();
+            code
         }
         Err(msg) => {
             eprintln!("blkd nbd: {msg}");
@@ -764,7 +874,19 @@ mod tests {
         .unwrap();
         assert_eq!(
             values[0],
-            "--blockdev driver=qcow2,node-name=img,file.filename=/i,discard=ignore,read-only=on,detect-zeroes=on,cache.direct=on"
+            "--blockdev driver=qcow2,node-name=img,file.filename=/i,file.driver=file,discard=ignore,read-only=on,detect-zeroes=on,cache.direct=on"
+        );
+        // As qemu-nbd: the command line's detect-zeroes (default off) wins,
+        // a trailing comma is fine, --aio goes to the file, the format is probed.
+        let probed = translate(&[
+            "--aio=threads",
+            "--image-opts",
+            "file.filename=/nonexistent,,x,detect-zeroes=on,",
+        ])
+        .unwrap();
+        assert_eq!(
+            probed[0],
+            "--blockdev file.filename=/nonexistent,,x,file.driver=file,file.aio=threads,detect-zeroes=off,driver=raw,node-name=disk0"
         );
         assert!(values[2].contains(",node-name=img,"), "{values:?}");
         let values = translate(&["-o", "0x200", "--detect-zeroes=on", "-f", "raw", "/i"]).unwrap();
@@ -780,10 +902,40 @@ mod tests {
                 "--image-opts and -f are mutually exclusive",
             ),
             (&["-o", "x", "/i"][..], "Invalid offset 'x'"),
-            (&["-o", "-1", "/i"][..], "Invalid offset '-1'"),
+            (
+                &["-o", "-1", "/i"][..],
+                "Value '-1' is out of range for parameter 'offset'",
+            ),
+            (&["-o", "0x+5", "/i"][..], "Invalid offset '0x+5'"),
         ] {
             assert_eq!(translate(args).unwrap_err(), error, "{args:?}");
         }
+    }
+
+    #[test]
+    fn snapshot_puts_an_overlay_on_the_read_only_image_node() {
+        let values = translate(&["-s", "-f", "raw", "-n", "/i"]).unwrap();
+        assert_eq!(
+            values[0],
+            "--blockdev driver=file,node-name=file0,filename=/i,read-only=on,cache.direct=on"
+        );
+        assert_eq!(
+            values[1],
+            "--blockdev driver=raw,node-name=base0,file=file0,read-only=on"
+        );
+        assert!(
+            values[2].starts_with("--blockdev driver=file,node-name=overlay0,filename=")
+                && values[2].ends_with(".qcow2,cache.no-flush=on"),
+            "{values:?}"
+        );
+        assert_eq!(
+            values[3],
+            "--blockdev driver=qcow2,node-name=disk0,file=overlay0,backing=base0,read-only=off"
+        );
+        assert_eq!(
+            translate(&["-s", "--image-opts", "driver=raw"]).unwrap_err(),
+            "--snapshot with --image-opts is not supported"
+        );
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub fn run(options: Vec<CliOption>, daemonize: bool) -> ExitCode {
 /// behaviour without `--persistent`).
 /// `one_line`: the options were made by `blkd nbd`, so errors name the
 /// cause alone, not the option string the user never wrote. `applied` runs
-/// once every option has been applied (whether or not that succeeded).
+/// once the options have been applied, whether or not that succeeded (not
+/// if the daemon could not even start).
 pub fn run_with(
     options: Vec<CliOption>,
     daemonize: bool,

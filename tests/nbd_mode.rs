@@ -301,13 +301,30 @@ fn offset_and_image_opts_as_qemu_nbd() {
     for (args, offset) in cases.iter().zip(offsets) {
         let ours = export_contents(BLKD, args);
         assert_eq!(ours.0, (1 << 20) - offset as u64, "{args:?}");
-        assert_eq!(
-            ours.1,
-            data[offset..],
-            "{args:?}: the bytes from the offset on"
+        assert!(
+            ours.1 == data[offset..],
+            "{args:?}: not the bytes from the offset on"
         );
-        assert_eq!(ours, export_contents("qemu-nbd", args), "{args:?}");
+        let theirs = export_contents("qemu-nbd", args);
+        assert_eq!(ours.0, theirs.0, "{args:?}: sizes");
+        assert!(
+            ours.1 == theirs.1,
+            "{args:?}: the contents differ from qemu-nbd's"
+        );
     }
+}
+
+/// Whether process `pid` has a file open that was in `dir` and is unlinked.
+fn holds_deleted_file_in(pid: u32, dir: &std::path::Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| {
+            let target = target.to_string_lossy().into_owned();
+            target.starts_with(dir.to_str().unwrap_or("/")) && target.ends_with(" (deleted)")
+        })
 }
 
 /// `-s`: writes land in a temporary overlay in TMPDIR, which has no name
@@ -336,25 +353,17 @@ fn snapshot_writes_to_a_temporary_overlay_as_qemu_nbd() {
                 .unwrap(),
         );
         assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
-        // The overlay is in TMPDIR, open but soon without a name (qemu-nbd
-        // listens before it opens the image).
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::fs::read_dir(&tmp).unwrap().count() > 0 {
+        // The overlay is in TMPDIR, open and without a name. (qemu-nbd
+        // listens before it makes the overlay, so wait for that first.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !holds_deleted_file_in(server.0.id(), &tmp) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "{program}: the overlay keeps its name"
+                "{program}: no open overlay in TMPDIR"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let deleted_in_tmp = std::fs::read_dir(format!("/proc/{}/fd", server.0.id()))
-            .unwrap()
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .any(|target| {
-                let target = target.to_string_lossy().into_owned();
-                target.starts_with(tmp.to_str().unwrap()) && target.ends_with(" (deleted)")
-            });
-        assert!(deleted_in_tmp, "{program}: no open overlay in TMPDIR");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{program}");
         let uri = format!("nbd+unix:///?socket={}", sock.display());
         let out = run_ok(
             "qemu-io",
@@ -385,4 +394,109 @@ fn snapshot_writes_to_a_temporary_overlay_as_qemu_nbd() {
         );
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{program}");
     }
+}
+
+/// `-s` with `-f raw` on a file that looks like qcow2 exports the file's own
+/// bytes: the header's backing file (here a "secret" host file) is never
+/// opened. A qcow2 image with a backing chain shows the chain. `--fork`
+/// leaves the server running with its overlay unlinked. qemu-nbd side by side.
+#[test]
+fn snapshot_keeps_the_given_format_and_works_with_fork_as_qemu_nbd() {
+    if common::missing_tools(&["nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x73u8; 1 << 20]).unwrap();
+    let lure = dir.path().join("lure.qcow2");
+    let (s, l) = (secret.to_str().unwrap(), lure.to_str().unwrap());
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", s, "-F", "raw", l],
+    );
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", b, "1M"]);
+    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 512k", b]);
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x22 256k 64k", t],
+    );
+    let lure_bytes = std::fs::read(&lure).unwrap();
+    for (args, check) in [
+        (vec!["-r", "-s", "-f", "raw", l], Some(&lure_bytes)),
+        (vec!["-r", "-s", "-f", "qcow2", t], None),
+    ] {
+        let ours = export_contents(BLKD, &args);
+        if let Some(expected) = check {
+            // QEMU rounds sizes up to whole sectors, which read as zeroes.
+            assert!(
+                ours.1.starts_with(expected),
+                "{args:?}: not the file's own bytes"
+            );
+        }
+        let leaked = ours.1.chunks(4096).any(|c| c.iter().all(|&b| b == 0x73));
+        assert!(!leaked, "{args:?}: the secret leaked");
+        let theirs = export_contents("qemu-nbd", &args);
+        assert_eq!(ours.0, theirs.0, "{args:?}: sizes");
+        assert!(
+            ours.1 == theirs.1,
+            "{args:?}: the contents differ from qemu-nbd's"
+        );
+    }
+    assert_eq!(
+        common::run(BLKD, &["nbd", "-s", "-f", "qcow2", s])
+            .status
+            .code(),
+        Some(1),
+        "a raw file is not a qcow2 base"
+    );
+    // --fork: the parent returns once serving; the overlay has no name.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let sock = dir.path().join("f.sock");
+    let pid_file = dir.path().join("pid");
+    let status = Command::new(BLKD)
+        .args(["nbd", "-s", "--fork", "-t", "-f", "qcow2", "--pid-file"])
+        .arg(&pid_file)
+        .arg("-k")
+        .arg(&sock)
+        .arg(&top)
+        .env("TMPDIR", &tmp)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = holds_deleted_file_in(pid as u32, &tmp);
+    let count = std::fs::read_dir(&tmp).unwrap().count();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 0 4k",
+            "-c",
+            "read -P 0x33 0 4k",
+            &uri,
+        ],
+    );
+    // SAFETY: kill on the forked server's pid, read from its pid file.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(
+        alive,
+        "the forked server holds an unlinked overlay from TMPDIR"
+    );
+    assert_eq!(count, 0, "the overlay has no name");
+    assert!(!out.contains("verification failed"), "{out}");
 }
