@@ -118,6 +118,18 @@ fn qemu_nbd_like(program: &str) -> Command {
     cmd
 }
 
+/// Runs qemu-io `commands` on the raw NBD export at `uri`; fails the test if
+/// a pattern does not verify.
+fn qemu_io_verified(uri: &str, commands: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = run_ok("qemu-io", &args);
+    assert!(!out.contains("verification failed"), "{uri}: {out}");
+}
+
 /// A server killed when the test ends, passed or failed.
 struct KillOnDrop(std::process::Child);
 
@@ -188,23 +200,15 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
             "{program}: flags {flags:o}"
         );
         let uri = format!("nbd+unix:///?socket={}", sock.display());
-        let out = run_ok(
-            "qemu-io",
+        qemu_io_verified(
+            &uri,
             &[
-                "-f",
-                "raw",
-                "-c",
                 "write -P 0 0 1M",
-                "-c",
                 "flush",
-                "-c",
                 "read -P 0 0 1M",
-                "-c",
                 "read -P 0x55 1M 1M",
-                &uri,
             ],
         );
-        assert!(!out.contains("verification failed"), "{program}: {out}");
         let after = allocated(&img);
         assert!(
             after + (1 << 20) <= before,
@@ -365,19 +369,7 @@ fn snapshot_writes_to_a_temporary_overlay_as_qemu_nbd() {
         }
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{program}");
         let uri = format!("nbd+unix:///?socket={}", sock.display());
-        let out = run_ok(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x5a 4k 64k",
-                "-c",
-                "read -P 0x5a 4k 64k",
-                &uri,
-            ],
-        );
-        assert!(!out.contains("verification failed"), "{program}: {out}");
+        qemu_io_verified(&uri, &["write -P 0x5a 4k 64k", "read -P 0x5a 4k 64k"]);
         // Without -t the server exits after its last client.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while server.0.try_wait().unwrap().is_none() {
@@ -479,18 +471,10 @@ fn snapshot_keeps_the_given_format_and_works_with_fork_as_qemu_nbd() {
     let alive = holds_deleted_file_in(pid as u32, &tmp);
     let count = std::fs::read_dir(&tmp).unwrap().count();
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x33 0 4k",
-            "-c",
-            "read -P 0x33 0 4k",
-            &uri,
-        ],
-    );
+    // Killed first, so that a failing check leaves no server behind.
+    let served = std::panic::catch_unwind(|| {
+        qemu_io_verified(&uri, &["write -P 0x33 0 4k", "read -P 0x33 0 4k"])
+    });
     // SAFETY: kill on the forked server's pid, read from its pid file.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(
@@ -498,5 +482,5 @@ fn snapshot_keeps_the_given_format_and_works_with_fork_as_qemu_nbd() {
         "the forked server holds an unlinked overlay from TMPDIR"
     );
     assert_eq!(count, 0, "the overlay has no name");
-    assert!(!out.contains("verification failed"), "{out}");
+    assert!(served.is_ok(), "the forked server serves the overlay");
 }
