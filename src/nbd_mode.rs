@@ -374,8 +374,9 @@ fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
         .get_one::<String>("format")
         .cloned()
         .unwrap_or_else(|| probe_format(&base));
+    // QEMU also takes /tmp to mean /var/tmp (images can be large).
     let dir = std::env::var_os("TMPDIR")
-        .filter(|d| !d.is_empty())
+        .filter(|d| !d.is_empty() && d != "/tmp")
         .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -620,12 +621,19 @@ fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String), S
     use serde_json::Value;
     let mut map = crate::keyval::parse(image, None)?;
     let text = |v: &str| Value::String(v.to_string());
+    // --aio belongs to the protocol node that does the I/O.
+    let is_file = |node: &serde_json::Map<String, Value>| {
+        matches!(
+            node.get("driver").and_then(Value::as_str),
+            Some("file" | "host_device")
+        )
+    };
     if let Some(Value::Object(file)) = map.get_mut("file") {
         file.entry("driver").or_insert_with(|| text("file"));
-        if let Some(aio) = d.aio {
+        if let (Some(aio), true) = (d.aio, is_file(file)) {
             file.entry("aio").or_insert_with(|| text(aio));
         }
-    } else if let Some(aio) = d.aio {
+    } else if let (Some(aio), true) = (d.aio, is_file(&map)) {
         map.entry("aio").or_insert_with(|| text(aio));
     }
     if !map.contains_key("driver") {

@@ -441,12 +441,25 @@ fn snapshot_keeps_the_given_format_and_works_with_fork_as_qemu_nbd() {
             "{args:?}: the contents differ from qemu-nbd's"
         );
     }
+    // Bounded, on a private socket and TMPDIR, in case it ever serves.
+    let tmp_refused = dir.path().join("tmp-refused");
+    std::fs::create_dir(&tmp_refused).unwrap();
+    let refused = Command::new("timeout")
+        .args(["10", BLKD, "nbd", "-s", "-f", "qcow2", "-k"])
+        .arg(dir.path().join("r.sock"))
+        .arg(&secret)
+        .env("TMPDIR", &tmp_refused)
+        .output()
+        .unwrap();
     assert_eq!(
-        common::run(BLKD, &["nbd", "-s", "-f", "qcow2", s])
-            .status
-            .code(),
+        refused.status.code(),
         Some(1),
         "a raw file is not a qcow2 base"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp_refused).unwrap().count(),
+        0,
+        "no overlay left"
     );
     // --fork: the parent returns once serving; the overlay has no name.
     let tmp = dir.path().join("tmp");
