@@ -250,6 +250,8 @@ pub enum Invocation {
         persistent: bool,
         fork: bool,
         verbose: bool,
+        /// The node whose format was probed as raw, to guard its first sector.
+        probed_raw: Option<String>,
         /// `-s`: the overlay `options` open, to create before serving.
         snapshot: Option<Snapshot>,
     },
@@ -316,6 +318,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
     let snapshot = snapshot_plan(&m)?;
     Ok(Invocation::Serve {
         options: options(&m, snapshot.as_ref())?,
+        probed_raw: probed_raw_node(&m),
         snapshot,
         persistent: m.get_flag("persistent"),
         fork: m.get_flag("fork"),
@@ -358,6 +361,30 @@ fn parse_c_integer(text: &str) -> Option<i128> {
     }
     let value = i128::from_str_radix(digits, radix).ok()?;
     Some(if negative { -value } else { value })
+}
+
+/// The image node, if its format was probed (no `-f`, no `driver=`) as raw.
+/// With `-s`, clients write to the overlay, never to the image.
+fn probed_raw_node(m: &clap::ArgMatches) -> Option<String> {
+    use serde_json::Value;
+    let image = m.get_one::<String>("image")?;
+    if m.get_flag("snapshot") || m.get_one::<String>("format").is_some() {
+        return None;
+    }
+    if !m.get_flag("image-opts") {
+        return (probe_format(image) == "raw").then(|| "disk0".to_string());
+    }
+    let map = crate::keyval::parse(image, None).ok()?;
+    if map.contains_key("driver") {
+        return None;
+    }
+    let filename = map.get("file")?.get("filename")?.as_str()?;
+    (probe_format(filename) == "raw").then(|| {
+        map.get("node-name")
+            .and_then(Value::as_str)
+            .unwrap_or("disk0")
+            .to_string()
+    })
 }
 
 /// Where `-s` puts its overlay (`$TMPDIR`, else /var/tmp, as QEMU), and
@@ -728,8 +755,15 @@ pub fn run(args: &[String]) -> ExitCode {
             persistent,
             fork,
             snapshot,
+            probed_raw,
             ..
         }) => {
+            if let Some(node) = &probed_raw {
+                log::warn!(
+                    "the format of node '{node}' was probed as raw: writes that would give its \
+                     first sector another format's header are refused (pass -f to allow them)"
+                );
+            }
             if let Some(s) = &snapshot {
                 if let Err(msg) = s.create() {
                     eprintln!("blkd nbd: {msg}");
@@ -743,7 +777,13 @@ pub fn run(args: &[String]) -> ExitCode {
                     s.remove();
                 }
             };
-            let code = crate::startup::run_with(options, fork, !persistent, true, remove);
+            let applied = |daemon: &crate::daemon::Daemon| {
+                remove();
+                if let Some(node) = probed_raw.as_deref().and_then(|n| daemon.graph.get(n)) {
+                    node.set_probed_raw();
+                }
+            };
+            let code = crate::startup::run_with(options, fork, !persistent, true, applied);
             remove();
             code
         }

@@ -74,7 +74,7 @@ pub fn apply_option(daemon: &mut Daemon, opt: &CliOption) -> Result<(), String> 
 
 /// Builds the daemon from `options`, then serves until quit or a signal.
 pub fn run(options: Vec<CliOption>, daemonize: bool) -> ExitCode {
-    run_with(options, daemonize, false, false, || {})
+    run_with(options, daemonize, false, false, |_| {})
 }
 
 /// [`run`], optionally exiting once the last NBD client has gone (qemu-nbd's
@@ -88,7 +88,7 @@ pub fn run_with(
     daemonize: bool,
     exit_when_idle: bool,
     one_line: bool,
-    applied: impl FnOnce(),
+    applied: impl FnOnce(&Daemon),
 ) -> ExitCode {
     let status_pipe = if daemonize {
         match fork_into_background() {
@@ -124,7 +124,7 @@ pub fn run_with(
             break;
         }
     }
-    applied();
+    applied(&daemon);
     if let Some((opt, msg)) = failed {
         daemon.shutdown();
         let msg = if one_line {

@@ -497,3 +497,48 @@ fn snapshot_keeps_the_given_format_and_works_with_fork_as_qemu_nbd() {
     assert_eq!(count, 0, "the overlay has no name");
     assert!(served.is_ok(), "the forked server serves the overlay");
 }
+
+/// An image whose format was probed as raw cannot be given a qcow2 header
+/// by a client (it would be opened as qcow2 next time, with a backing file
+/// the client chose); with `-f raw` it can. qemu-nbd side by side.
+#[test]
+fn probed_raw_images_refuse_a_forged_header_as_qemu_nbd() {
+    if common::missing_tools(&["nbdcopy", "qemu-img", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lure = dir.path().join("lure.qcow2");
+    let l = lure.to_str().unwrap();
+    let b = "/etc/hostname";
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", b, l],
+    );
+    let header = std::fs::read(&lure).unwrap();
+    for program in [BLKD, "qemu-nbd"] {
+        for format in [&[][..], &["-f", "raw"][..]] {
+            let img = dir.path().join("img.raw");
+            std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+            let sock = dir.path().join("s.sock");
+            let _server = KillOnDrop(
+                qemu_nbd_like(program)
+                    .args(["-t", "-k"])
+                    .arg(&sock)
+                    .args(format)
+                    .arg(&img)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
+            let uri = format!("nbd+unix:///?socket={}", sock.display());
+            let copied = common::run("nbdcopy", &[l, &uri]).status.success();
+            let written = std::fs::read(&img).unwrap().starts_with(&header[..4]);
+            assert_eq!(copied, !format.is_empty(), "{program} {format:?}");
+            assert_eq!(written, !format.is_empty(), "{program} {format:?}");
+            drop(_server);
+            let _ = std::fs::remove_file(&sock);
+        }
+    }
+}

@@ -19,7 +19,30 @@ pub struct BlockNode {
     /// bitmaps (the common case) take no lock.
     has_bitmaps: AtomicBool,
     policy: WritePolicy,
+    /// The node's format was probed as raw: refuse writes that would make
+    /// the first sector probe as another format (QEMU's guard).
+    probed_raw: AtomicBool,
 }
+
+/// Magic strings at offset 0 by which QEMU's probing would take an image
+/// for something other than raw.
+const FORMAT_MAGICS: &[&[u8]] = &[
+    b"QFI\xfb",
+    b"KDMV",
+    b"COWD",
+    b"# Disk DescriptorFile",
+    b"conectix",
+    b"vhdxfile",
+    b"QED\0",
+    b"LUKS\xba\xbe",
+    b"WithoutFreeSpace",
+    b"WithouFreSpacExt",
+    b"Bochs Virtual HD Image",
+    b"<<< Oracle VM VirtualBox Disk Image >>>",
+    b"<<< Sun VirtualBox Disk Image >>>",
+    b"<<< innotek VirtualBox Disk Image >>>",
+    b"#!/bin/sh\n#V2.0 Format",
+];
 
 /// Whether every byte of `buf` is zero, a word at a time.
 fn is_zero(buf: &[u8]) -> bool {
@@ -38,7 +61,36 @@ impl BlockNode {
             has_bitmaps: AtomicBool::new(!bitmaps.is_empty()),
             bitmaps: Mutex::new(bitmaps),
             policy: WritePolicy::default(),
+            probed_raw: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the node as raw by probing (see `probed_raw`).
+    pub fn set_probed_raw(&self) {
+        self.probed_raw.store(true, Ordering::Release);
+    }
+
+    /// Whether writing `bufs` at `offset` would give the first sector a
+    /// header that probes as a format other than raw.
+    fn forges_a_header(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<bool> {
+        const SECTOR: usize = 512;
+        if offset >= SECTOR as u64 || !self.probed_raw.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let mut sector = vec![0u8; SECTOR.min(self.driver.size() as usize)];
+        self.driver
+            .read_vectored(0, &mut [std::io::IoSliceMut::new(&mut sector)])?;
+        let mut at = offset as usize;
+        for b in bufs {
+            for &byte in b.iter() {
+                if at >= sector.len() {
+                    break;
+                }
+                sector[at] = byte;
+                at += 1;
+            }
+        }
+        Ok(FORMAT_MAGICS.iter().any(|m| sector.starts_with(m)))
     }
 
     /// The node, treating discards and all-zero data as `policy` says
@@ -83,6 +135,9 @@ impl BlockNode {
     /// write fails: a failed write may have changed part of the range.
     /// With `detect-zeroes`, all-zero data becomes a write-zeroes request.
     pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        if self.forges_a_header(offset, bufs)? {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let detect = self.policy.detect_zeroes;
         let result = if detect != DetectZeroes::Off && len > 0 && bufs.iter().all(|b| is_zero(b)) {
