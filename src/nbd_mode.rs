@@ -316,9 +316,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
         return Ok(Invocation::Version);
     }
     let snapshot = snapshot_plan(&m)?;
+    let (options, probed_raw) = options(&m, snapshot.as_ref())?;
     Ok(Invocation::Serve {
-        options: options(&m, snapshot.as_ref())?,
-        probed_raw: probed_raw_node(&m),
+        options,
+        probed_raw,
         snapshot,
         persistent: m.get_flag("persistent"),
         fork: m.get_flag("fork"),
@@ -363,30 +364,6 @@ fn parse_c_integer(text: &str) -> Option<i128> {
     Some(if negative { -value } else { value })
 }
 
-/// The image node, if its format was probed (no `-f`, no `driver=`) as raw.
-/// With `-s`, clients write to the overlay, never to the image.
-fn probed_raw_node(m: &clap::ArgMatches) -> Option<String> {
-    use serde_json::Value;
-    let image = m.get_one::<String>("image")?;
-    if m.get_flag("snapshot") || m.get_one::<String>("format").is_some() {
-        return None;
-    }
-    if !m.get_flag("image-opts") {
-        return (probe_format(image) == "raw").then(|| "disk0".to_string());
-    }
-    let map = crate::keyval::parse(image, None).ok()?;
-    if map.contains_key("driver") {
-        return None;
-    }
-    let filename = map.get("file")?.get("filename")?.as_str()?;
-    (probe_format(filename) == "raw").then(|| {
-        map.get("node-name")
-            .and_then(Value::as_str)
-            .unwrap_or("disk0")
-            .to_string()
-    })
-}
-
 /// Where `-s` puts its overlay (`$TMPDIR`, else /var/tmp, as QEMU), and
 /// what lies under it.
 fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
@@ -418,7 +395,12 @@ fn snapshot_plan(m: &clap::ArgMatches) -> Result<Option<Snapshot>, String> {
 
 /// Translates the one-line form into the daemon's options; with `-s`, the
 /// image node is `snapshot`'s overlay.
-fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliOption>, String> {
+/// Also returns the image node's name if its format was probed as raw
+/// (without `-s`: with it, clients write to the overlay, never the image).
+fn options(
+    m: &clap::ArgMatches,
+    snapshot: Option<&Snapshot>,
+) -> Result<(Vec<CliOption>, Option<String>), String> {
     let get = |k: &str| m.get_one::<String>(k).cloned();
     let image = get("image").unwrap_or_default();
     let read_only = m.get_flag("read-only");
@@ -505,7 +487,9 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
             },
         )?
     } else {
+        let probed = get("format").is_none();
         let format = get("format").unwrap_or_else(|| probe_format(&image));
+        let probed_raw = probed && format == "raw" && snapshot.is_none();
         // With -s, the image is the overlay's read-only backing node.
         let image_read_only = read_only || snapshot.is_some();
         let mut file = format!(
@@ -546,6 +530,7 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
                         on_off(read_only),
                     ),
                     "disk0".to_string(),
+                    probed_raw,
                 )
             }
             None => (
@@ -555,9 +540,11 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
                     on_off(read_only),
                 ),
                 "disk0".to_string(),
+                probed_raw,
             ),
         }
     };
+    let probed_raw = image_node.2.then(|| image_node.1.clone());
     push(OptionKind::Blockdev, image_node.0.clone());
     if let Some(offset) = offset {
         // As qemu-nbd: a raw node with the offset on top of the image.
@@ -627,7 +614,7 @@ fn options(m: &clap::ArgMatches, snapshot: Option<&Snapshot>) -> Result<Vec<CliO
     if let Some(p) = get("pid-file") {
         push(OptionKind::Pidfile, p);
     }
-    Ok(opts)
+    Ok((opts, probed_raw))
 }
 
 /// What the command line gives an `--image-opts` node.
@@ -642,9 +629,9 @@ struct ImageDefaults<'a> {
 
 /// The image node from an `--image-opts` string, with what the command line
 /// adds where the string is silent, as qemu-nbd opens it: a missing format
-/// is probed and an inline `file` is a file. Returns the node's options and
-/// name.
-fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String), String> {
+/// is probed and an inline `file` is a file. Returns the node's options, its
+/// name, and whether its format was probed as raw.
+fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String, bool), String> {
     use serde_json::Value;
     let mut map = crate::keyval::parse(image, None)?;
     let text = |v: &str| Value::String(v.to_string());
@@ -663,13 +650,16 @@ fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String), S
     } else if let (Some(aio), true) = (d.aio, is_file(&map)) {
         map.entry("aio").or_insert_with(|| text(aio));
     }
+    let mut probed_raw = false;
     if !map.contains_key("driver") {
         let filename = map
             .get("file")
             .and_then(|f| f.get("filename"))
             .and_then(Value::as_str)
             .unwrap_or_default();
-        map.insert("driver".into(), text(&probe_format(filename)));
+        let format = probe_format(filename);
+        probed_raw = format == "raw";
+        map.insert("driver".into(), text(&format));
     }
     let name = map
         .entry("node-name")
@@ -699,7 +689,7 @@ fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String), S
             map.remove("cache");
         }
     }
-    Ok((keyval_string(&map, ""), name))
+    Ok((keyval_string(&map, ""), name, probed_raw))
 }
 
 /// Options back in keyval form (`a.b=v,c=w`), commas in values doubled.

@@ -17,7 +17,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde_json::{Map, Value};
 
 use super::{
-    round_up_to_sector, BlockDriver, CacheMode, DiscardMode, Extent, OpenContext, ZeroFlags,
+    round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode, Extent,
+    OpenContext, ZeroFlags, ZERO_CHUNK,
 };
 use crate::errno_text;
 
@@ -632,17 +633,10 @@ impl FileDriver {
     }
 
     /// Writes zero buffers, the slow path of write_zeroes.
-    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
         let align = self.direct.as_ref().map_or(1, |d| d.mem_align);
-        let mut zeroes = AlignedBuf::zeroed(len.min(CHUNK) as usize, align)?;
-        let end = offset + len;
-        while offset < end {
-            let n = (end - offset).min(CHUNK) as usize;
-            self.write_vectored(offset, &[IoSlice::new(&zeroes.as_mut_slice()[..n])])?;
-            offset += n as u64;
-        }
-        Ok(())
+        let mut zeroes = AlignedBuf::zeroed(len.min(ZERO_CHUNK) as usize, align)?;
+        write_zeroes_as_data(self, offset, len, zeroes.as_mut_slice())
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {

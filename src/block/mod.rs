@@ -290,6 +290,27 @@ pub fn open(
     }
 }
 
+/// The most zero data written at a time when zeroes cannot be written
+/// any cheaper way.
+pub(crate) const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Writes `len` zero bytes from `offset` through `driver` as plain data,
+/// `zeroes` (all zero, at least `min(len, ZERO_CHUNK)` long) at a time.
+pub(crate) fn write_zeroes_as_data(
+    driver: &dyn BlockDriver,
+    mut offset: u64,
+    len: u64,
+    zeroes: &[u8],
+) -> io::Result<()> {
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(zeroes.len() as u64) as usize;
+        driver.write_vectored(offset, &[IoSlice::new(&zeroes[..n])])?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
 /// Rounds a byte length up to whole 512-byte sectors, as QEMU reports the
 /// length of every node.
 pub(crate) fn round_up_to_sector(len: u64) -> u64 {

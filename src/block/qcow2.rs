@@ -27,7 +27,10 @@ use serde_json::{Map, Value};
 
 use super::bitmap::DirtyBitmap;
 use super::qcow2_bitmaps::{self, be32, be64, ImageBitmaps};
-use super::{BlockDriver, BlockNode, CacheMode, DiscardMode, Extent, OpenContext, ZeroFlags};
+use super::{
+    write_zeroes_as_data, BlockDriver, BlockNode, CacheMode, DiscardMode, Extent, OpenContext,
+    ZeroFlags, ZERO_CHUNK,
+};
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
 const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -698,17 +701,9 @@ impl Qcow2Driver {
         self.write_zero_buffers(inner_end, end - inner_end)
     }
 
-    /// Writes `len` zero bytes as data, a MiB at a time.
-    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; len.min(CHUNK) as usize];
-        let end = offset + len;
-        while offset < end {
-            let n = (end - offset).min(CHUNK) as usize;
-            self.write_vectored(offset, &[IoSlice::new(&zeroes[..n])])?;
-            offset += n as u64;
-        }
-        Ok(())
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        write_zeroes_as_data(self, offset, len, &zeroes)
     }
 
     fn cluster_aligned(&self, offset: u64, len: u64, size: u64) -> bool {
