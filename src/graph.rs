@@ -1,7 +1,6 @@
 //! The block graph: nodes by `node-name`, their creation from `blockdev-add`
 //! options, and the rules on who may delete what.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -14,8 +13,6 @@ pub struct Graph {
     nodes: Vec<Arc<BlockNode>>,
 }
 
-static AUTO_NAME: AtomicU64 = AtomicU64::new(0);
-
 impl Graph {
     pub fn get(&self, name: &str) -> Option<&Arc<BlockNode>> {
         self.nodes.iter().find(|n| n.name() == name)
@@ -27,6 +24,7 @@ impl Graph {
             .ok_or_else(|| format!("Cannot find device='' nor node-name='{name}'"))
     }
 
+    #[cfg(test)]
     pub fn nodes(&self) -> &[Arc<BlockNode>] {
         &self.nodes
     }
@@ -49,7 +47,23 @@ impl Graph {
         self.open_node(name, opts)
     }
 
+    /// Opens a node and its inline children; on failure none of them stay.
     fn open_node(
+        &mut self,
+        name: String,
+        opts: &Map<String, Value>,
+    ) -> Result<Arc<BlockNode>, String> {
+        let existing = self.nodes.len();
+        let result = self.open_tree(name, opts);
+        if result.is_err() {
+            // New nodes, inline children's children too, are always
+            // inserted ahead of the older ones.
+            self.nodes.drain(..self.nodes.len() - existing);
+        }
+        result
+    }
+
+    fn open_tree(
         &mut self,
         name: String,
         opts: &Map<String, Value>,
@@ -61,12 +75,14 @@ impl Graph {
             .to_string();
         let mut opts = opts.clone();
         // Inline child definitions become nodes of their own, referenced by name.
-        let mut inline_children = Vec::new();
+        // QEMU names an inline backing chain after its parent, so it is
+        // listed before it.
+        let mut backing_nodes = 0;
         for child in ["file", "backing"] {
             if let Some(Value::Object(child_opts)) = opts.get(child).cloned() {
                 let child_name = match child_opts.get("node-name").and_then(Value::as_str) {
                     Some(n) => n.to_string(),
-                    None => format!("#block{}", AUTO_NAME.fetch_add(1, Ordering::Relaxed)),
+                    None => block::auto_node_name(),
                 };
                 if self.get(&child_name).is_some() {
                     return Err(format!("Duplicate nodes with node-name='{child_name}'"));
@@ -87,31 +103,26 @@ impl Graph {
                         }
                     }
                 }
-                // A child of a read-only node is read-only too.
-                if opts.get("read-only") == Some(&Value::Bool(true)) {
+                // A backing image is opened read-only unless it says
+                // otherwise, as in QEMU; a child of a read-only node is
+                // read-only too.
+                if child == "backing" || opts.get("read-only") == Some(&Value::Bool(true)) {
                     child_opts.entry("read-only").or_insert(Value::Bool(true));
                 }
-                let node = self.open_node(child_name.clone(), &child_opts)?;
-                inline_children.push(node);
+                let before = self.nodes.len();
+                self.open_tree(child_name.clone(), &child_opts)?;
+                if child == "backing" {
+                    backing_nodes = self.nodes.len() - before;
+                }
                 opts.insert(child.to_string(), Value::String(child_name));
             }
         }
         let lookup = |n: &str| self.get(n).cloned();
-        let result = OpenContext::from_options(&opts, &lookup)
-            .and_then(|ctx| block::open(&driver, &opts, &ctx).map(|drv| (drv, ctx.write_policy())));
-        match result {
-            Ok((drv, policy)) => {
-                let node = Arc::new(BlockNode::new(name, drv).with_policy(policy));
-                self.nodes.insert(0, Arc::clone(&node));
-                Ok(node)
-            }
-            Err(e) => {
-                for child in inline_children {
-                    self.nodes.retain(|n| !Arc::ptr_eq(n, &child));
-                }
-                Err(e)
-            }
-        }
+        let ctx = OpenContext::from_options(&opts, &lookup)?;
+        let drv = block::open(&driver, &opts, &ctx)?;
+        let node = Arc::new(BlockNode::new(name, drv).with_policy(ctx.write_policy()));
+        self.nodes.insert(backing_nodes, Arc::clone(&node));
+        Ok(node)
     }
 
     /// Whether another node holds `node` as a child.
@@ -144,27 +155,72 @@ impl Graph {
         Ok(())
     }
 
-    /// `query-named-block-nodes`' entry for one node (BlockDeviceInfo).
-    pub fn node_info(node: &BlockNode) -> Value {
-        let drv = node.driver();
-        let filename = drv.filename().unwrap_or_else(|| {
-            format!(
-                "json:{{\"driver\": \"{}\", \"size\": {}}}",
-                drv.driver_name(),
-                drv.size()
-            )
-        });
-        let mut image = json!({
-            "virtual-size": drv.size(),
-            "filename": filename,
-            "format": drv.driver_name(),
-            "actual-size": drv.allocated_size().unwrap_or(0),
-        });
-        if drv.filename().is_some() {
-            image["dirty-flag"] = Value::Bool(false);
+    /// Every node `query-named-block-nodes` lists, newest first: the named
+    /// ones, each after the nodes its image header's backing chain opened
+    /// (as QEMU names those too).
+    pub fn listed_nodes(&self) -> Vec<Arc<BlockNode>> {
+        let mut listed = Vec::new();
+        for node in &self.nodes {
+            self.list_header_chain(node, &mut listed);
+            listed.push(Arc::clone(node));
         }
+        listed
+    }
+
+    /// The unnamed nodes under `node`'s backing: the deepest first, each
+    /// format node before its file node, the order QEMU creates them in.
+    fn list_header_chain(&self, node: &Arc<BlockNode>, listed: &mut Vec<Arc<BlockNode>>) {
+        let Some(backing) = node.driver().backing() else {
+            return;
+        };
+        if self.nodes.iter().any(|n| Arc::ptr_eq(n, &backing)) {
+            return;
+        }
+        self.list_header_chain(&backing, listed);
+        listed.push(Arc::clone(&backing));
+        for child in backing.driver().children() {
+            let is_backing = backing
+                .driver()
+                .backing()
+                .is_some_and(|b| Arc::ptr_eq(&b, &child));
+            if !is_backing && !self.nodes.iter().any(|n| Arc::ptr_eq(n, &child)) {
+                listed.push(child);
+            }
+        }
+    }
+
+    /// QEMU's ImageInfo for `node`; unless `flat`, with its backing
+    /// chain's as `backing-image`.
+    fn image_info(node: &BlockNode, flat: bool) -> Value {
+        let drv = node.driver();
+        let filename = block::display_filename(drv);
+        let mut image = Map::new();
+        image.insert("virtual-size".into(), json!(drv.size()));
+        image.insert("filename".into(), json!(filename));
+        image.insert("format".into(), json!(drv.driver_name()));
+        image.insert(
+            "actual-size".into(),
+            json!(drv.allocated_size().unwrap_or(0)),
+        );
+        if drv.has_info() {
+            image.insert("dirty-flag".into(), Value::Bool(false));
+        }
+        drv.describe_image(&mut image);
+        if !flat {
+            if let Some(backing) = drv.backing() {
+                image.insert("backing-image".into(), Self::image_info(&backing, false));
+            }
+        }
+        Value::Object(image)
+    }
+
+    /// `query-named-block-nodes`' entry for one node (BlockDeviceInfo).
+    pub fn node_info(node: &BlockNode, flat: bool) -> Value {
+        let drv = node.driver();
+        let image = Self::image_info(node, flat);
+        let filename = image["filename"].clone();
         let cache = drv.cache_mode();
-        json!({
+        let mut info = json!({
             "iops_rd": 0,
             "detect_zeroes": node.detect_zeroes().as_str(),
             "active": true,
@@ -182,7 +238,23 @@ impl Graph {
             "bps_rd": 0,
             "cache": {"no-flush": cache.no_flush, "direct": cache.direct, "writeback": true},
             "file": filename,
-        })
+        });
+        if let Some(backing) = drv.backing() {
+            if let Some(name) = backing.driver().filename() {
+                info["backing_file"] = Value::from(name);
+            }
+        }
+        // QEMU counts the depth only while it gathers the backing images.
+        if !flat {
+            let mut depth = 0;
+            let mut next = drv.backing();
+            while let Some(layer) = next {
+                depth += 1;
+                next = layer.driver().backing();
+            }
+            info["backing_file_depth"] = Value::from(depth);
+        }
+        info
     }
 }
 
@@ -289,9 +361,9 @@ mod tests {
         almost[65535] = 1;
         raw.write_vectored(0, &[IoSlice::new(&almost)]).unwrap();
         assert_eq!(read(raw, 0, 64 << 10), almost);
-        let info = Graph::node_info(g.get("f0").unwrap());
+        let info = Graph::node_info(g.get("f0").unwrap(), false);
         assert_eq!(info["detect_zeroes"], "unmap");
-        assert_eq!(Graph::node_info(raw)["detect_zeroes"], "off");
+        assert_eq!(Graph::node_info(raw, false)["detect_zeroes"], "off");
     }
 
     #[test]
@@ -369,5 +441,46 @@ mod tests {
             g.remove("n0").unwrap_err(),
             "Failed to find node with node-name='n0'"
         );
+    }
+    #[test]
+    fn a_failed_open_leaves_none_of_its_inline_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.raw");
+        std::fs::write(&plain, [0u8; 65536]).unwrap();
+        let mut g = Graph::default();
+        g.add(&null_opts("n0")).unwrap();
+        // The children open, then the qcow2 node fails on a raw file.
+        let opts = json!({"driver": "qcow2", "node-name": "q0",
+            "file": {"driver": "file", "filename": plain},
+            "backing": {"driver": "raw", "node-name": "b0",
+                        "file": {"driver": "file", "node-name": "bf", "filename": plain}}});
+        assert!(g.add(opts.as_object().unwrap()).is_err());
+        // The file child opens, then the backing child fails.
+        let opts = json!({"driver": "qcow2", "node-name": "q1",
+            "file": {"driver": "file", "node-name": "qf", "filename": plain},
+            "backing": {"driver": "raw", "file": "nope"}});
+        assert!(g.add(opts.as_object().unwrap()).is_err());
+        let names: Vec<&str> = g.nodes().iter().map(|n| n.name()).collect();
+        assert_eq!(names, ["n0"]);
+    }
+
+    #[test]
+    fn an_inline_backing_opens_read_only_and_is_listed_before_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        crate::block::qcow2::create(&base, 1 << 20, None).unwrap();
+        let top = dir.path().join("top.qcow2");
+        crate::block::qcow2::create(&top, 1 << 20, None).unwrap();
+        let mut g = Graph::default();
+        let opts = json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top},
+            "backing": {"driver": "qcow2", "node-name": "b0",
+                        "file": {"driver": "file", "node-name": "bf", "filename": base}}});
+        g.add(opts.as_object().unwrap()).unwrap();
+        let ro = |name: &str| g.get(name).unwrap().driver().read_only();
+        assert!(ro("b0") && ro("bf"));
+        assert!(!ro("top"));
+        let names: Vec<&str> = g.nodes().iter().map(|n| &n.name()[..2]).collect();
+        assert_eq!(names, ["b0", "bf", "to", "#b"]);
     }
 }

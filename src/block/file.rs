@@ -689,6 +689,24 @@ impl BlockDriver for FileDriver {
         Some(self.filename.clone())
     }
 
+    fn open_options(&self) -> Map<String, Value> {
+        let mut opts = Map::new();
+        opts.insert("driver".into(), Value::from(self.driver_name));
+        opts.insert("filename".into(), Value::from(self.filename.clone()));
+        opts
+    }
+
+    fn describe_image(&self, image: &mut Map<String, Value>) {
+        // QEMU's file driver has format-specific information (empty unless
+        // on XFS); its host_device driver has none.
+        if self.driver_name == "file" {
+            image.insert(
+                "format-specific".into(),
+                serde_json::json!({"type": "file", "data": {}}),
+            );
+        }
+    }
+
     fn allocated_size(&self) -> Option<u64> {
         // SAFETY: fstat fills a plain stat struct for our open descriptor.
         unsafe {

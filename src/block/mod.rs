@@ -19,6 +19,7 @@ use bitmap::DirtyBitmap;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -81,15 +82,36 @@ pub trait BlockDriver: Send + Sync {
     fn request_alignment(&self) -> u32 {
         1
     }
-    /// A filename for `query-named-block-nodes` (`file`), if the driver has one.
+    /// A filename for `query-named-block-nodes` (`file`), if the node's
+    /// options come down to one; see [`display_filename`] otherwise.
     fn filename(&self) -> Option<String> {
         None
+    }
+    /// The options that would open this node again, children included
+    /// (QEMU's "full open options"), for its `json:` pseudo-filename.
+    fn open_options(&self) -> Map<String, Value> {
+        let mut opts = Map::new();
+        opts.insert("driver".into(), Value::from(self.driver_name()));
+        opts
     }
     /// The children of this node (a format node's `file` child), for the
     /// graph's reference counting.
     fn children(&self) -> Vec<Arc<BlockNode>> {
         Vec::new()
     }
+    /// The child whose data shows through where this node has none (a
+    /// qcow2 image's backing node).
+    fn backing(&self) -> Option<Arc<BlockNode>> {
+        None
+    }
+    /// Whether the driver has what QEMU's bdrv_get_info asks (null-co has
+    /// not); then ImageInfo carries a `dirty-flag`.
+    fn has_info(&self) -> bool {
+        true
+    }
+    /// Adds the driver's own members of QEMU's ImageInfo to `image`
+    /// (`cluster-size`, `format-specific`, `backing-filename`, ...).
+    fn describe_image(&self, _image: &mut Map<String, Value>) {}
     /// Fills `bufs` from `offset`. Bytes past the end of the backing storage read
     /// as zeroes.
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()>;
@@ -201,6 +223,61 @@ impl DetectZeroes {
 pub struct WritePolicy {
     pub discard: DiscardMode,
     pub detect_zeroes: DetectZeroes,
+}
+
+/// The node's filename as QEMU reports it: the plain one, or else
+/// `json:` and its open options, printed as QEMU prints a QDict.
+pub fn display_filename(drv: &dyn BlockDriver) -> String {
+    drv.filename().unwrap_or_else(|| {
+        let mut text = String::from("json:");
+        write_qdict_json(&Value::Object(drv.open_options()), &mut text);
+        text
+    })
+}
+
+/// QEMU's JSON text of a QDict: `", "` and `": "` separators, and members
+/// in the order of its hash table's buckets (qobject/qdict.c).
+fn write_qdict_json(value: &Value, out: &mut String) {
+    fn bucket(key: &str) -> u32 {
+        let mut hash = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+        for (i, byte) in key.bytes().enumerate() {
+            hash = hash.wrapping_add(u32::from(byte) << (i * 5 % 24));
+        }
+        1_103_515_243u32.wrapping_mul(hash).wrapping_add(12345) % 512
+    }
+    match value {
+        Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().collect();
+            members.sort_by_key(|(key, _)| (bucket(key), key.as_str()));
+            out.push('{');
+            for (i, (key, member)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&Value::from(key.as_str()).to_string());
+                out.push_str(": ");
+                write_qdict_json(member, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_qdict_json(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// A name for a node the user did not name, as QEMU gives them: `#block<N>`.
+pub fn auto_node_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("#block{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Finds a node by name, for drivers that reference children.

@@ -233,8 +233,10 @@ impl BlockNode {
     /// `dirty-bitmaps` entries of `query-named-block-nodes`.
     pub fn bitmaps_info(&self) -> Vec<Value> {
         let size = self.driver.size();
+        // Newest first, as QEMU lists them.
         self.bitmaps()
             .iter()
+            .rev()
             .map(|b| {
                 json!({
                     "name": b.name,

@@ -67,6 +67,23 @@ impl BlockDriver for NullDriver {
         self.read_only
     }
 
+    fn has_info(&self) -> bool {
+        false
+    }
+
+    fn open_options(&self) -> Map<String, Value> {
+        let mut opts = Map::new();
+        opts.insert("driver".into(), Value::from("null-co"));
+        opts.insert("size".into(), Value::from(self.size));
+        if self.read_zeroes {
+            opts.insert("read-zeroes".into(), Value::Bool(true));
+        }
+        if let Some(latency) = self.latency {
+            opts.insert("latency-ns".into(), Value::from(latency.as_nanos() as u64));
+        }
+        opts
+    }
+
     /// Without `read-zeroes` the buffers are left as they are, like QEMU:
     /// callers must not hand in buffers that hold data another client may not see.
     fn read_vectored(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

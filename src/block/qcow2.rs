@@ -15,7 +15,6 @@ use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -23,7 +22,7 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::storage::drivers::CommonStorageHelper;
 use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageCreateOptions};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use super::bitmap::DirtyBitmap;
 use super::qcow2_bitmaps::{self, be32, be64, ImageBitmaps};
@@ -33,6 +32,7 @@ use super::{
 };
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
@@ -41,9 +41,6 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Longest backing chain opened from image headers, a bound on the files
 /// a crafted chain can make the daemon open.
 const MAX_HEADER_CHAIN: usize = 64;
-
-/// Names for the nodes opened from a header's backing file reference.
-static BACKING_NODE_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A node of the graph as imago's storage: every access goes to the node's driver.
 pub struct NodeStorage {
@@ -151,6 +148,8 @@ struct HeaderInfo {
     version: u32,
     cluster_size: u64,
     incompatible: u64,
+    compatible: u64,
+    refcount_bits: u64,
     compression_type: u8,
     crypt_method: u32,
     snapshots: u32,
@@ -191,6 +190,8 @@ impl HeaderInfo {
             version,
             cluster_size: 1 << cluster_bits,
             incompatible: 0,
+            compatible: 0,
+            refcount_bits: 16,
             compression_type: 0,
             crypt_method: field32(32)?,
             snapshots: field32(60)?,
@@ -199,6 +200,8 @@ impl HeaderInfo {
             2 => {}
             3 => {
                 info.incompatible = field64(72)?;
+                info.compatible = field64(80)?;
+                info.refcount_bits = 1u64.checked_shl(field32(96)?).unwrap_or(0);
                 if field32(100)? > 104 {
                     info.compression_type = head.get(104).copied().unwrap_or(0);
                 }
@@ -329,6 +332,10 @@ pub struct Qcow2Driver {
     image: ManuallyDrop<RwLock<FormatAccess<NodeStorage>>>,
     file: Arc<BlockNode>,
     backing: Option<Arc<BlockNode>>,
+    /// The backing file the image header names, whichever node is used.
+    header_backing: Option<HeaderBacking>,
+    /// The backing node was opened from the header's reference.
+    backing_from_header: bool,
     read_only: bool,
     discard: DiscardMode,
     header: HeaderInfo,
@@ -349,6 +356,10 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
     let backing = match opts.get("backing") {
         None => BackingChoice::FromHeader,
         Some(Value::Null) => BackingChoice::None,
+        Some(Value::String(name)) if name.is_empty() => {
+            log::warn!("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
+            BackingChoice::None
+        }
         Some(Value::String(name)) => BackingChoice::Node(ctx.child(name)?),
         Some(_) => return Err("Parameter 'backing' expects a node name or null".into()),
     };
@@ -391,16 +402,16 @@ fn open_image(
     let mut qcow2 =
         Qcow2::<NodeStorage>::open_image(NodeStorage::new(Arc::clone(&file)), !read_only)
             .map_err(|e| format!("Could not open qcow2 image '{what}': {e}"))?;
-    let backing = match backing {
-        BackingChoice::None => None,
-        BackingChoice::Node(node) => Some(node),
-        BackingChoice::FromHeader => match qcow2.implicit_backing_file() {
-            None => None,
-            Some(name) => {
-                let format = qcow2.implicit_backing_format().cloned();
-                Some(open_header_backing(&what, name, format.as_deref(), env)?)
-            }
-        },
+    let header_backing = qcow2.implicit_backing_file().map(|name| HeaderBacking {
+        name: name.clone(),
+        format: qcow2.implicit_backing_format().cloned(),
+        path: backing_path(Path::new(&what), name),
+    });
+    let backing_from_header = matches!(backing, BackingChoice::FromHeader);
+    let backing = match (backing, &header_backing) {
+        (BackingChoice::None, _) | (BackingChoice::FromHeader, None) => None,
+        (BackingChoice::Node(node), _) => Some(node),
+        (BackingChoice::FromHeader, Some(named)) => Some(open_header_backing(&what, named, env)?),
     };
     let backing_layer = match &backing {
         Some(node) => {
@@ -421,6 +432,8 @@ fn open_image(
         image: ManuallyDrop::new(RwLock::new(FormatAccess::new(qcow2))),
         file,
         backing,
+        header_backing,
+        backing_from_header,
         read_only,
         discard,
         header,
@@ -429,25 +442,41 @@ fn open_image(
     })
 }
 
+/// The backing file reference in an image header.
+struct HeaderBacking {
+    /// As written in the header.
+    name: String,
+    /// The backing format the header records, if any.
+    format: Option<String>,
+    /// `name` taken relative to the image's directory.
+    path: PathBuf,
+}
+
+/// Where the backing file `name` of `image` is: relative names are taken
+/// from the image's directory.
+fn backing_path(image: &Path, name: &str) -> PathBuf {
+    match image.parent() {
+        Some(dir) if Path::new(name).is_relative() => dir.join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
 /// Opens the backing file an image header names, read-only, as QEMU does
-/// when `backing` is not given: a `file` node, and a `qcow2` node on it
-/// unless the format is raw (then the file node itself is the layer).
+/// when `backing` is not given: a `file` node, with a `qcow2` or `raw`
+/// node on it.
 fn open_header_backing(
     image: &str,
-    name: &str,
-    format: Option<&str>,
+    backing: &HeaderBacking,
     env: &mut ChainEnv,
 ) -> Result<Arc<BlockNode>, String> {
+    let HeaderBacking { name, format, path } = backing;
+    let format = format.as_deref();
     if name.starts_with("json:") || name.contains("://") {
         return Err(format!(
             "Backing file '{name}' of '{image}' is not a plain file name, which blkd does not support; \
              give the backing node explicitly"
         ));
     }
-    let path = match Path::new(image).parent() {
-        Some(dir) if Path::new(name).is_relative() => dir.join(name),
-        _ => PathBuf::from(name),
-    };
     let canonical = path.canonicalize().map_err(|e| {
         format!(
             "Could not open backing file '{}' of '{image}': {e}",
@@ -478,7 +507,7 @@ fn open_header_backing(
     }
     let file_ctx = OpenContext::from_options(&file_opts, env.ctx.lookup)?;
     let file_driver = super::open("file", &file_opts, &file_ctx)?;
-    let file = Arc::new(BlockNode::new(backing_node_name(), file_driver));
+    let file = Arc::new(BlockNode::new(super::auto_node_name(), file_driver));
 
     let is_qcow2 = match format {
         Some("qcow2") => true,
@@ -493,7 +522,13 @@ fn open_header_backing(
         None => read_at(&file, 0, 4)? == QCOW2_MAGIC.to_be_bytes(),
     };
     if !is_qcow2 {
-        return Ok(file);
+        let mut raw_opts = Map::new();
+        raw_opts.insert("file".into(), Value::from(file.name()));
+        raw_opts.insert("read-only".into(), Value::Bool(true));
+        let lookup = |n: &str| (n == file.name()).then(|| Arc::clone(&file));
+        let raw_ctx = OpenContext::from_options(&raw_opts, &lookup)?;
+        let raw = super::raw::open(&raw_opts, &raw_ctx)?;
+        return Ok(Arc::new(BlockNode::new(super::auto_node_name(), raw)));
     }
     let driver = open_image(
         file,
@@ -503,16 +538,9 @@ fn open_header_backing(
         env,
     )?;
     Ok(Arc::new(BlockNode::new(
-        backing_node_name(),
+        super::auto_node_name(),
         Box::new(driver),
     )))
-}
-
-fn backing_node_name() -> String {
-    format!(
-        "#qcow2-backing{}",
-        BACKING_NODE_ID.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Creates a qcow2 image file at `path` (64 KiB clusters), optionally on a
@@ -527,10 +555,7 @@ pub fn create(path: &Path, size: u64, backing: Option<&str>) -> Result<(), Strin
         .map_err(|e| format!("Could not create '{what}': {e}"))?;
     let mut builder = Qcow2::<imago::file::File>::create_builder(file).size(size);
     if let Some(backing) = backing {
-        let backing_path = match path.parent() {
-            Some(dir) if Path::new(backing).is_relative() => dir.join(backing),
-            _ => PathBuf::from(backing),
-        };
+        let backing_path = backing_path(path, backing);
         let mut magic = [0u8; 4];
         let format = match std::fs::File::open(&backing_path)
             .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
@@ -706,6 +731,18 @@ impl Qcow2Driver {
         write_zeroes_as_data(self, offset, len, &zeroes)
     }
 
+    /// Whether the backing is not what the header names, as QEMU's
+    /// bdrv_backing_overridden: a backing chosen by the options counts as
+    /// the header's only when the header names its very filename.
+    fn backing_overridden(&self) -> bool {
+        match (&self.backing, &self.header_backing) {
+            (None, named) => named.is_some(),
+            (Some(_), _) if self.backing_from_header => false,
+            (Some(node), Some(named)) => node.driver().filename().as_deref() != Some(&named.name),
+            (Some(_), None) => true,
+        }
+    }
+
     fn cluster_aligned(&self, offset: u64, len: u64, size: u64) -> bool {
         let end = offset.saturating_add(len);
         offset.is_multiple_of(self.header.cluster_size)
@@ -726,14 +763,96 @@ impl BlockDriver for Qcow2Driver {
         self.read_only
     }
 
+    /// The file's name, unless the backing is not the one the header names:
+    /// then the options say more than a filename can.
     fn filename(&self) -> Option<String> {
+        if self.backing_overridden() {
+            return None;
+        }
         self.file.driver().filename()
+    }
+
+    fn open_options(&self) -> Map<String, Value> {
+        let mut opts = Map::new();
+        opts.insert("driver".into(), Value::from("qcow2"));
+        opts.insert(
+            "file".into(),
+            Value::Object(self.file.driver().open_options()),
+        );
+        if self.backing_overridden() {
+            let backing = match &self.backing {
+                Some(node) => Value::Object(node.driver().open_options()),
+                None => Value::Null,
+            };
+            opts.insert("backing".into(), backing);
+        }
+        opts
     }
 
     fn children(&self) -> Vec<Arc<BlockNode>> {
         let mut children = vec![Arc::clone(&self.file)];
         children.extend(self.backing.iter().cloned());
         children
+    }
+
+    fn backing(&self) -> Option<Arc<BlockNode>> {
+        self.backing.clone()
+    }
+
+    fn describe_image(&self, image: &mut Map<String, Value>) {
+        let header = &self.header;
+        image.insert("cluster-size".into(), Value::from(header.cluster_size));
+        // As QEMU's qcow2_get_specific_info. Corrupt images, extended L2
+        // entries and zstd are refused at open, so those members are fixed.
+        let data = if header.version == 2 {
+            json!({"compat": "0.10", "compression-type": "zlib", "refcount-bits": header.refcount_bits})
+        } else {
+            let mut data = json!({
+                "compat": "1.1",
+                "compression-type": "zlib",
+                "corrupt": false,
+                "extended-l2": false,
+                "lazy-refcounts": header.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+                "refcount-bits": header.refcount_bits,
+            });
+            // The bitmaps stored in the image; a writable open has them in use.
+            let bitmaps: Vec<Value> = self
+                .stored_bitmaps
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if !self.read_only {
+                        flags.push("in-use");
+                    }
+                    if b.recording {
+                        flags.push("auto");
+                    }
+                    json!({"flags": flags, "granularity": b.granularity, "name": b.name})
+                })
+                .collect();
+            if !bitmaps.is_empty() {
+                data["bitmaps"] = Value::Array(bitmaps);
+            }
+            data
+        };
+        image.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": data}),
+        );
+        if let Some(backing) = &self.header_backing {
+            image.insert("backing-filename".into(), Value::from(backing.name.clone()));
+            image.insert(
+                "full-backing-filename".into(),
+                Value::from(backing.path.to_string_lossy().into_owned()),
+            );
+            if let Some(format) = &backing.format {
+                image.insert(
+                    "backing-filename-format".into(),
+                    Value::from(format.clone()),
+                );
+            }
+        }
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

@@ -112,14 +112,33 @@ impl BlockDriver for RawDriver {
         self.child.driver().cache_mode()
     }
 
-    /// The child's filename when the node shows all of it; with a window
-    /// QEMU prints a `json:` description, which the caller builds.
+    /// The child's filename when the node shows all of it.
     fn filename(&self) -> Option<String> {
         if self.offset == 0 && self.fixed_size.is_none() {
             self.child.driver().filename()
         } else {
             None
         }
+    }
+
+    fn has_info(&self) -> bool {
+        self.child.driver().has_info()
+    }
+
+    fn open_options(&self) -> Map<String, Value> {
+        let mut opts = Map::new();
+        opts.insert("driver".into(), Value::from("raw"));
+        opts.insert(
+            "file".into(),
+            Value::Object(self.child.driver().open_options()),
+        );
+        if self.offset != 0 {
+            opts.insert("offset".into(), Value::from(self.offset));
+        }
+        if let Some(size) = self.fixed_size {
+            opts.insert("size".into(), Value::from(size));
+        }
+        opts
     }
 
     fn children(&self) -> Vec<Arc<BlockNode>> {
