@@ -10,7 +10,7 @@
 # directory. A benchmark, not a test: scripts/test.sh does not run it.
 #
 # Usage: scripts/bench.sh [--quick] [--nbd-only | --vhost-only]
-#            [--servers blkd,qsd,qemu-nbd,nbdkit] [--filter REGEX]
+#            [--servers blkd,qsd,qemu-nbd,nbdkit[,nbdkit-1thread]] [--filter REGEX]
 #            [--runtime SECS] [--rounds N] [--image-size BYTES] [--out DIR]
 #            [--blkd PATH] [--vublk PATH] [--no-build]
 # Builds blkd and the vublk example in release mode first (in

@@ -43,7 +43,7 @@ impl Daemon {
                 let flat = args.get("flat").and_then(Value::as_bool).unwrap_or(false);
                 Ok(Value::Array(
                     self.graph
-                        .listed_nodes()
+                        .nodes()
                         .iter()
                         .map(|n| self.node_info(n, flat))
                         .collect(),
@@ -124,23 +124,6 @@ impl Daemon {
     fn node_info(&self, node: &crate::block::BlockNode, flat: bool) -> Value {
         let mut info = Graph::node_info(node, flat);
         let bitmaps = node.bitmaps_info();
-        // The image lists what is stored on disk, and a bitmap removed since
-        // the open is gone from there as it is in QEMU.
-        let stored = info
-            .pointer_mut("/image/format-specific/data")
-            .and_then(Value::as_object_mut);
-        if let Some(data) = stored {
-            if let Some(Value::Array(list)) = data.get_mut("bitmaps") {
-                list.retain(|b| {
-                    bitmaps
-                        .iter()
-                        .any(|n| n["name"] == b["name"] && n["persistent"] == true)
-                });
-                if list.is_empty() {
-                    data.remove("bitmaps");
-                }
-            }
-        }
         if !bitmaps.is_empty() {
             info["dirty-bitmaps"] = Value::Array(bitmaps);
         }

@@ -1,6 +1,7 @@
 //! The block graph: nodes by `node-name`, their creation from `blockdev-add`
 //! options, and the rules on who may delete what.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -11,6 +12,9 @@ use crate::block::{self, BlockNode, OpenContext};
 #[derive(Default)]
 pub struct Graph {
     nodes: Vec<Arc<BlockNode>>,
+    /// The nodes `blockdev-add` (or `--blockdev`) created as its root: the
+    /// only ones `blockdev-del` removes. The rest go with their parent.
+    owned: HashSet<String>,
 }
 
 impl Graph {
@@ -24,7 +28,6 @@ impl Graph {
             .ok_or_else(|| format!("Cannot find device='' nor node-name='{name}'"))
     }
 
-    #[cfg(test)]
     pub fn nodes(&self) -> &[Arc<BlockNode>] {
         &self.nodes
     }
@@ -44,7 +47,9 @@ impl Graph {
             }
             None => return Err("'node-name' must be specified for the root node".into()),
         };
-        self.open_node(name, opts)
+        let node = self.open_node(name.clone(), opts)?;
+        self.owned.insert(name);
+        Ok(node)
     }
 
     /// Opens a node and its inline children; on failure none of them stay.
@@ -120,8 +125,16 @@ impl Graph {
         let lookup = |n: &str| self.get(n).cloned();
         let ctx = OpenContext::from_options(&opts, &lookup)?;
         let drv = block::open(&driver, &opts, &ctx)?;
+        if self.get(&name).is_some() {
+            // An inline child took the name.
+            return Err(format!("Duplicate nodes with node-name='{name}'"));
+        }
         let node = Arc::new(BlockNode::new(name, drv).with_policy(ctx.write_policy()));
-        self.nodes.insert(backing_nodes, Arc::clone(&node));
+        // The nodes its image header's backing chain opened are named too.
+        let mut added = Vec::new();
+        self.list_header_chain(&node, &mut added);
+        added.push(Arc::clone(&node));
+        self.nodes.splice(backing_nodes..backing_nodes, added);
         Ok(node)
     }
 
@@ -132,43 +145,51 @@ impl Graph {
             .find(|n| n.driver().children().iter().any(|c| Arc::ptr_eq(c, node)))
     }
 
-    /// Removes a node nobody uses; the caller has checked exports. Inline
-    /// children that only this node used go with it.
+    /// Removes a node `blockdev-add` created that nobody uses, with QEMU's
+    /// checks and texts; the caller has checked exports.
     pub fn remove(&mut self, name: &str) -> Result<(), String> {
         let node = self
             .get(name)
             .cloned()
             .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
+        let backed = self
+            .nodes
+            .iter()
+            .find(|n| n.driver().backing().is_some_and(|b| Arc::ptr_eq(&b, &node)));
+        if let Some(parent) = backed {
+            return Err(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                parent.name()
+            ));
+        }
+        if !self.owned.contains(name) {
+            return Err(format!("Node {name} is not owned by the monitor"));
+        }
         if self.parent_of(&node).is_some() {
             return Err(format!("Block device {name} is in use"));
         }
+        self.owned.remove(name);
+        self.detach(node);
+        Ok(())
+    }
+
+    /// Takes `node` out of the graph, with the children it created (inline
+    /// ones and those its image header opened) that nothing else uses.
+    fn detach(&mut self, node: Arc<BlockNode>) {
         self.nodes.retain(|n| !Arc::ptr_eq(n, &node));
         let children = node.driver().children();
         drop(node);
         for child in children {
-            if child.name().starts_with('#') && Arc::strong_count(&child) <= 2 {
-                let child_name = child.name().to_string();
-                drop(child);
-                let _ = self.remove(&child_name);
+            // Held by the graph and by `children` only.
+            if !self.owned.contains(child.name()) && Arc::strong_count(&child) <= 2 {
+                self.detach(child);
             }
         }
-        Ok(())
     }
 
-    /// Every node `query-named-block-nodes` lists, newest first: the named
-    /// ones, each after the nodes its image header's backing chain opened
-    /// (as QEMU names those too).
-    pub fn listed_nodes(&self) -> Vec<Arc<BlockNode>> {
-        let mut listed = Vec::new();
-        for node in &self.nodes {
-            self.list_header_chain(node, &mut listed);
-            listed.push(Arc::clone(node));
-        }
-        listed
-    }
-
-    /// The unnamed nodes under `node`'s backing: the deepest first, each
-    /// format node before its file node, the order QEMU creates them in.
+    /// The nodes under `node`'s backing that are not in the graph yet (those
+    /// its image header named), in QEMU's order: the deepest first, each
+    /// format node before its file node.
     fn list_header_chain(&self, node: &Arc<BlockNode>, listed: &mut Vec<Arc<BlockNode>>) {
         let Some(backing) = node.driver().backing() else {
             return;
@@ -206,6 +227,25 @@ impl Graph {
             image.insert("dirty-flag".into(), Value::Bool(false));
         }
         drv.describe_image(&mut image);
+        // QEMU reads the stored bitmaps from the image, where a bitmap
+        // removed since the open is gone.
+        let bitmaps = node.bitmaps_info();
+        let stored = image
+            .get_mut("format-specific")
+            .and_then(|f| f.get_mut("data"))
+            .and_then(Value::as_object_mut);
+        if let Some(data) = stored {
+            if let Some(Value::Array(list)) = data.get_mut("bitmaps") {
+                list.retain(|b| {
+                    bitmaps
+                        .iter()
+                        .any(|n| n["name"] == b["name"] && n["persistent"] == true)
+                });
+                if list.is_empty() {
+                    data.remove("bitmaps");
+                }
+            }
+        }
         if !flat {
             if let Some(backing) = drv.backing() {
                 image.insert("backing-image".into(), Self::image_info(&backing, false));
@@ -240,9 +280,7 @@ impl Graph {
             "file": filename,
         });
         if let Some(backing) = drv.backing() {
-            if let Some(name) = backing.driver().filename() {
-                info["backing_file"] = Value::from(name);
-            }
+            info["backing_file"] = Value::from(block::display_filename(backing.driver()));
         }
         // QEMU counts the depth only while it gathers the backing images.
         if !flat {
@@ -482,5 +520,38 @@ mod tests {
         assert!(!ro("top"));
         let names: Vec<&str> = g.nodes().iter().map(|n| &n.name()[..2]).collect();
         assert_eq!(names, ["b0", "bf", "to", "#b"]);
+    }
+
+    #[test]
+    fn nodes_a_header_opened_are_named_and_go_with_their_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        crate::block::qcow2::create(&base, 1 << 20, None).unwrap();
+        crate::block::qcow2::create(&top, 1 << 20, Some("base.qcow2")).unwrap();
+        let mut g = Graph::default();
+        let file = json!({"driver": "file", "node-name": "f0", "filename": top});
+        g.add(file.as_object().unwrap()).unwrap();
+        let qcow2 = json!({"driver": "qcow2", "node-name": "q0", "file": "f0"});
+        g.add(qcow2.as_object().unwrap()).unwrap();
+        let names: Vec<String> = g.nodes().iter().map(|n| n.name().to_string()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert!(names[0].starts_with("#block") && names[1].starts_with("#block"));
+        assert_eq!(names[2..], ["q0", "f0"]);
+        assert!(g.get(&names[0]).unwrap().driver().read_only());
+        assert_eq!(
+            g.remove(&names[0]).unwrap_err(),
+            format!(
+                "Node '{}' is busy: node is used as backing hd of 'q0'",
+                names[0]
+            )
+        );
+        assert_eq!(
+            g.remove(&names[1]).unwrap_err(),
+            format!("Node {} is not owned by the monitor", names[1])
+        );
+        assert_eq!(g.remove("f0").unwrap_err(), "Block device f0 is in use");
+        g.remove("q0").unwrap();
+        let names: Vec<&str> = g.nodes().iter().map(|n| n.name()).collect();
+        assert_eq!(names, ["f0"]);
     }
 }

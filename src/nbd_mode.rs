@@ -230,6 +230,46 @@ fn escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
+/// Fills in the drivers an `--image-opts` string leaves out below its top
+/// node, as QEMU's bdrv_open probes them: a `file` child's protocol from its
+/// filename, a `backing` child's format from its file's first bytes.
+fn default_child_drivers(node: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value;
+    let filename_of = |node: &serde_json::Map<String, Value>| {
+        node.get("filename")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    if let Some(Value::Object(file)) = node.get_mut("file") {
+        if !file.contains_key("driver") {
+            let driver = protocol_driver(&filename_of(file));
+            file.insert("driver".into(), Value::from(driver));
+        }
+        default_child_drivers(file);
+    }
+    if let Some(Value::Object(backing)) = node.get_mut("backing") {
+        default_child_drivers(backing);
+        if !backing.contains_key("driver") {
+            let filename = match backing.get("file") {
+                Some(Value::Object(file)) => filename_of(file),
+                _ => String::new(),
+            };
+            backing.insert("driver".into(), Value::from(probe_format(&filename)));
+        }
+    }
+}
+
+/// The protocol driver for `path`, as QEMU probes it: `host_device` for a
+/// block or character device, else `file`.
+fn protocol_driver(path: &str) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => "host_device",
+        _ => "file",
+    }
+}
+
 /// qcow2 images start with "QFI\xfb"; anything else is raw.
 fn probe_format(path: &str) -> String {
     let mut magic = [0u8; 4];
@@ -287,8 +327,13 @@ impl Snapshot {
             file.seek(SeekFrom::End(0))
                 .map_err(|e| format!("Could not open '{base}': {e}"))?
         };
-        // Whole sectors, as QEMU sizes every node.
-        let size = size.div_ceil(512).saturating_mul(512);
+        // Whole sectors, as QEMU sizes the image node: a qcow2 size rounds
+        // down, a file's length up.
+        let size = if self.base_format == "qcow2" {
+            size & !511
+        } else {
+            size.div_ceil(512).saturating_mul(512)
+        };
         let created = crate::block::qcow2::create(&self.overlay, size, None).and_then(|()| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&self.overlay, std::fs::Permissions::from_mode(0o600))
@@ -302,6 +347,23 @@ impl Snapshot {
 
     fn remove(&self) {
         let _ = std::fs::remove_file(&self.overlay);
+    }
+}
+
+/// Removes the overlay, if any, when dropped.
+struct RemoveOnDrop<'a>(Option<&'a Snapshot>);
+
+impl RemoveOnDrop<'_> {
+    fn remove(&self) {
+        if let Some(s) = self.0 {
+            s.remove();
+        }
+    }
+}
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
@@ -451,16 +513,22 @@ fn options(
     let detect_zeroes = detect_zeroes
         .map(|d| format!(",detect-zeroes={d}"))
         .unwrap_or_default();
+    // As qemu-nbd: read as an unsigned 64-bit C integer (a minus sign
+    // wraps), then handed on as a signed one.
     let offset = match get("offset") {
-        Some(o) => match parse_c_integer(&o) {
-            None => return Err(format!("Invalid offset '{o}'")),
-            Some(v) if v < 0 => {
+        Some(o) => {
+            let wrapped = parse_c_integer(&o)
+                .filter(|v| v.unsigned_abs() <= u128::from(u64::MAX))
+                .map(|v| v.rem_euclid(1 << 64) as u64)
+                .ok_or_else(|| format!("Invalid offset '{o}'"))?;
+            let signed = wrapped as i64;
+            if signed < 0 {
                 return Err(format!(
-                    "Value '{o}' is out of range for parameter 'offset'"
-                ))
+                    "Value '{signed}' is out of range for parameter 'offset'"
+                ));
             }
-            Some(v) => u64::try_from(v).map_err(|_| format!("Invalid offset '{o}'"))?,
-        },
+            wrapped
+        }
         None => 0,
     };
     // As qemu-nbd, offset 0 adds no node.
@@ -493,7 +561,8 @@ fn options(
         // With -s, the image is the overlay's read-only backing node.
         let image_read_only = read_only || snapshot.is_some();
         let mut file = format!(
-            "driver=file,node-name=file0,filename={},read-only={}{discard}",
+            "driver={},node-name=file0,filename={},read-only={}{discard}",
+            protocol_driver(&image),
             escape(&image),
             on_off(image_read_only),
         );
@@ -629,7 +698,7 @@ struct ImageDefaults<'a> {
 
 /// The image node from an `--image-opts` string, with what the command line
 /// adds where the string is silent, as qemu-nbd opens it: a missing format
-/// is probed and an inline `file` is a file. Returns the node's options, its
+/// is probed and an inline `file` is a file or host device. Returns the node's options, its
 /// name, and whether its format was probed as raw.
 fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String, bool), String> {
     use serde_json::Value;
@@ -642,8 +711,8 @@ fn image_opts_node(image: &str, d: &ImageDefaults) -> Result<(String, String, bo
             Some("file" | "host_device")
         )
     };
+    default_child_drivers(&mut map);
     if let Some(Value::Object(file)) = map.get_mut("file") {
-        file.entry("driver").or_insert_with(|| text("file"));
         if let (Some(aio), true) = (d.aio, is_file(file)) {
             file.entry("aio").or_insert_with(|| text(aio));
         }
@@ -761,21 +830,16 @@ pub fn run(args: &[String]) -> ExitCode {
                 }
             }
             // As qemu-nbd: the overlay's name goes once it is open. And
-            // again on the way out, for a start that failed before that.
-            let remove = || {
-                if let Some(s) = &snapshot {
-                    s.remove();
-                }
-            };
+            // again on the way out (a panic too), for a start that failed
+            // before that.
+            let overlay = RemoveOnDrop(snapshot.as_ref());
             let applied = |daemon: &crate::daemon::Daemon| {
-                remove();
+                overlay.remove();
                 if let Some(node) = probed_raw.as_deref().and_then(|n| daemon.graph.get(n)) {
                     node.set_probed_raw();
                 }
             };
-            let code = crate::startup::run_with(options, fork, !persistent, true, applied);
-            remove();
-            code
+            crate::startup::run_with(options, fork, !persistent, true, applied)
         }
         Err(msg) => {
             eprintln!("blkd nbd: {msg}");
@@ -927,6 +991,17 @@ mod tests {
             "--blockdev file.filename=/nonexistent,,x,file.driver=file,file.aio=threads,detect-zeroes=off,driver=raw,node-name=disk0"
         );
         assert!(values[2].contains(",node-name=img,"), "{values:?}");
+        // Drivers a nested backing leaves out are probed too.
+        let nested = translate(&[
+            "--image-opts",
+            "driver=qcow2,file.filename=/i,backing.file.filename=/b",
+        ])
+        .unwrap();
+        assert!(
+            nested[0]
+                .contains("backing.file.filename=/b,backing.file.driver=file,backing.driver=raw"),
+            "{nested:?}"
+        );
         let values = translate(&["-o", "0x200", "--detect-zeroes=on", "-f", "raw", "/i"]).unwrap();
         assert_eq!(
             values[2],
@@ -945,6 +1020,22 @@ mod tests {
                 "Value '-1' is out of range for parameter 'offset'",
             ),
             (&["-o", "0x+5", "/i"][..], "Invalid offset '0x+5'"),
+            (
+                &["-o", "-0x200", "/i"][..],
+                "Value '-512' is out of range for parameter 'offset'",
+            ),
+            (
+                &["-o", "18446744073709551615", "/i"][..],
+                "Value '-1' is out of range for parameter 'offset'",
+            ),
+            (
+                &["-o", "0x8000000000000000", "/i"][..],
+                "Value '-9223372036854775808' is out of range for parameter 'offset'",
+            ),
+            (
+                &["-o", "18446744073709551616", "/i"][..],
+                "Invalid offset '18446744073709551616'",
+            ),
         ] {
             assert_eq!(translate(args).unwrap_err(), error, "{args:?}");
         }

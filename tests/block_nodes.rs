@@ -13,71 +13,44 @@ use serde_json::{json, Value};
 /// The images, made afresh for each daemon (a killed daemon leaves its
 /// bitmaps marked in use):
 /// - chain.qcow2 on mid.qcow2 on base.qcow2, backings named in the headers;
-/// - onraw.qcow2 on the raw rawbase.img;
+/// - onraw.qcow2 on the raw rawbase.img, and window.img under a raw window;
 /// - v2.qcow2 (compat=0.10) and lazy.qcow2 (lazy refcounts);
 /// - bm.qcow2 with the bitmaps b0 (enabled) and b1 (disabled);
-/// - top.qcow2, whose backing base2.qcow2 is given inline.
+/// - top.qcow2, whose backing base2.qcow2 is given inline;
+/// - nul.qcow2 and oth.qcow2 on base.qcow2, opened with no backing and with
+///   other.qcow2 as the backing, so that only a `json:` name describes them.
 fn make_images(dir: &Path) {
     let img = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    let create = |args: &[&str]| {
-        let mut all = vec!["create", "-q"];
-        all.extend_from_slice(args);
-        run_ok("qemu-img", &all);
+    let create = |name: &str, opts: &str| {
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, &img(name), "4M"],
+        );
     };
-    create(&["-f", "qcow2", &img("base.qcow2"), "4M"]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &img("mid.qcow2"),
-    ]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        &img("chain.qcow2"),
-    ]);
-    create(&["-f", "raw", &img("rawbase.img"), "4M"]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-b",
-        "rawbase.img",
-        "-F",
-        "raw",
-        &img("onraw.qcow2"),
-    ]);
-    create(&["-f", "qcow2", "-o", "compat=0.10", &img("v2.qcow2"), "4M"]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        &img("lazy.qcow2"),
-        "4M",
-    ]);
-    create(&["-f", "qcow2", &img("bm.qcow2"), "4M"]);
+    // The header names the backing relative to the image, as users do.
+    let overlay = |name: &str, backing: &str, format: &str| {
+        let args = ["create", "-q", "-f", "qcow2", "-b", backing, "-F", format];
+        run_ok("qemu-img", &[&args[..], &[&img(name)]].concat());
+    };
+    for name in ["base.qcow2", "bm.qcow2", "base2.qcow2", "other.qcow2"] {
+        create(name, "compat=1.1");
+    }
+    create("v2.qcow2", "compat=0.10");
+    create("lazy.qcow2", "lazy_refcounts=on");
+    overlay("mid.qcow2", "base.qcow2", "qcow2");
+    overlay("chain.qcow2", "mid.qcow2", "qcow2");
+    for name in ["rawbase.img", "window.img"] {
+        run_ok("qemu-img", &["create", "-q", "-f", "raw", &img(name), "4M"]);
+    }
+    overlay("onraw.qcow2", "rawbase.img", "raw");
+    overlay("top.qcow2", "base2.qcow2", "qcow2");
+    overlay("nul.qcow2", "base.qcow2", "qcow2");
+    overlay("oth.qcow2", "base.qcow2", "qcow2");
     run_ok("qemu-img", &["bitmap", "--add", &img("bm.qcow2"), "b0"]);
     run_ok(
         "qemu-img",
         &["bitmap", "--add", "--disable", &img("bm.qcow2"), "b1"],
     );
-    create(&["-f", "qcow2", &img("base2.qcow2"), "4M"]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-b",
-        "base2.qcow2",
-        "-F",
-        "qcow2",
-        &img("top.qcow2"),
-    ]);
 }
 
 /// Replaces the directory and automatic node names, which differ between
@@ -124,6 +97,8 @@ fn differences(ours: &Value, theirs: &Value, at: &str, found: &mut Vec<String>) 
 struct Report {
     nested: Value,
     flat: Value,
+    /// blockdev-del of mid.qcow2's nodes, which a header opened.
+    refused: Vec<(String, String)>,
     /// Bitmaps listed in bm's image after b0 is removed.
     after_remove: Value,
     writable_backing: (String, String),
@@ -164,9 +139,61 @@ fn report(which: Impl) -> Report {
                  backing.file.driver=file,backing.file.node-name=b2f,\
                  backing.file.filename={d}/base2.qcow2"
             ),
+            // Nodes that only a json: name describes.
+            "--blockdev",
+            &file_node("nf", "nul.qcow2"),
+            "--blockdev",
+            "qcow2,node-name=nul,file=nf,backing=",
+            "--blockdev",
+            &format!(
+                "qcow2,node-name=other,read-only=on,file.driver=file,file.filename={d}/other.qcow2"
+            ),
+            "--blockdev",
+            &file_node("tf", "oth.qcow2"),
+            "--blockdev",
+            "qcow2,node-name=oth,file=tf,backing=other",
+            "--blockdev",
+            &file_node("rf", "window.img"),
+            "--blockdev",
+            "raw,node-name=window,file=rf,offset=4096,size=8192",
+            "--blockdev",
+            "null-co,node-name=n0",
+            "--blockdev",
+            "null-co,node-name=n1,read-zeroes=off,latency-ns=5",
+            "--blockdev",
+            "null-co,node-name=n2,size=1000",
         ],
     );
     let mut qmp = daemon.qmp();
+    // Commands take the names of nodes a header opened, as QEMU's do.
+    let listing = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+    let mid = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "qcow2" && n["file"] == format!("{d}/mid.qcow2"))
+        .expect("mid.qcow2's node is listed")["node-name"]
+        .clone();
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": mid, "name": "on-mid"}),
+    );
+    let mid_file = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "file" && n["file"] == format!("{d}/mid.qcow2"))
+        .expect("mid.qcow2's file node is listed")["node-name"]
+        .clone();
+    // Only what blockdev-add created can be deleted.
+    let mut refused = Vec::new();
+    for name in [&mid, &mid_file] {
+        let (class, desc) = qmp.err("blockdev-del", json!({"node-name": name}));
+        let desc = desc
+            .replace(mid.as_str().unwrap(), "MID")
+            .replace(mid_file.as_str().unwrap(), "MID-FILE");
+        refused.push((class, desc));
+    }
     let mut nested = qmp.ok("query-named-block-nodes", json!({}));
     let mut flat = qmp.ok("query-named-block-nodes", json!({"flat": true}));
     normalise(&mut nested, &d);
@@ -190,9 +217,19 @@ fn report(which: Impl) -> Report {
     Report {
         nested,
         flat,
+        refused,
         after_remove,
         writable_backing,
     }
+}
+
+fn chain_named(list: &Value, name: &str) -> Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+        .clone()
 }
 
 #[test]
@@ -225,14 +262,7 @@ fn named_block_nodes_describe_images_and_chains_as_qsd() {
         }
     }
     // The points the comparison rests on, in case QSD changes.
-    let chain = |list: &Value| -> Value {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node-name"] == "chain")
-            .unwrap()
-            .clone()
-    };
+    let chain = |list: &Value| chain_named(list, "chain");
     let nested = chain(&blkd.nested);
     assert_eq!(nested["backing_file_depth"], 2);
     assert_eq!(nested["backing_file"], "DIR/mid.qcow2");
@@ -242,19 +272,40 @@ fn named_block_nodes_describe_images_and_chains_as_qsd() {
         "DIR/base.qcow2"
     );
     assert_eq!(chain(&blkd.flat)["backing_file_depth"], 0);
+    assert_eq!(
+        chain_named(&blkd.flat, "oth")["file"],
+        "json:{\"backing\": {\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \
+         \"filename\": \"DIR/other.qcow2\"}}, \"driver\": \"qcow2\", \"file\": {\"driver\": \
+         \"file\", \"filename\": \"DIR/oth.qcow2\"}}"
+    );
+    assert_eq!(
+        chain_named(&blkd.flat, "oth")["backing_file"],
+        "DIR/other.qcow2"
+    );
+    assert_eq!(chain_named(&blkd.flat, "n0")["file"], "null-co://");
     let header_opened = blkd
         .flat
         .as_array()
         .unwrap()
         .iter()
         .filter(|n| n["node-name"] == "#auto" && n["ro"] == true);
-    // base and mid: a qcow2 and a file node each; rawbase: raw and file.
-    assert_eq!(header_opened.count(), 6);
+    // base and mid: a qcow2 and a file node each; rawbase: raw and file;
+    // and the inline file of the read-only node other.
+    assert_eq!(header_opened.count(), 7);
     assert_eq!(
         blkd.after_remove,
         json!([{"flags": ["in-use"], "granularity": 65536, "name": "b1"}])
     );
     assert_eq!(blkd.after_remove, qsd.after_remove);
+    assert_eq!(
+        blkd.refused[0].1,
+        "Node 'MID' is busy: node is used as backing hd of 'chain'"
+    );
+    assert_eq!(
+        blkd.refused[1].1,
+        "Node MID-FILE is not owned by the monitor"
+    );
+    assert_eq!(blkd.refused, qsd.refused);
     assert_eq!(
         blkd.writable_backing.1,
         "Cannot export read-only node as writable"

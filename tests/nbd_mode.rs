@@ -294,14 +294,23 @@ fn offset_and_image_opts_as_qemu_nbd() {
     let (r, q) = (raw.to_str().unwrap(), qcow2.to_str().unwrap());
     run_ok("qemu-img", &["convert", "-O", "qcow2", "-f", "raw", r, q]);
     let image_opts = format!("driver=qcow2,file.driver=file,file.filename={q}");
-    let cases: [Vec<&str>; 4] = [
+    // An empty overlay whose backing is given with no drivers at all.
+    let overlay = dir.path().join("c.qcow2");
+    let o = overlay.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", q, "-F", "qcow2", o],
+    );
+    let nested = format!("driver=qcow2,file.filename={o},backing.file.filename={q}");
+    let cases: [Vec<&str>; 5] = [
         vec!["-r", "-o", "4096", "-f", "raw", r],
         vec!["-r", "--offset=0x2000", "-f", "qcow2", q],
         vec!["-r", "--image-opts", &image_opts],
         vec!["-r", "--image-opts", "-o", "512", &image_opts],
+        vec!["-r", "--image-opts", &nested],
     ];
     let data = std::fs::read(&raw).unwrap();
-    let offsets = [4096, 8192, 0, 512];
+    let offsets = [4096, 8192, 0, 512, 0];
     for (args, offset) in cases.iter().zip(offsets) {
         let ours = export_contents(BLKD, args);
         assert_eq!(ours.0, (1 << 20) - offset as u64, "{args:?}");
@@ -309,6 +318,62 @@ fn offset_and_image_opts_as_qemu_nbd() {
             ours.1 == data[offset..],
             "{args:?}: not the bytes from the offset on"
         );
+        let theirs = export_contents("qemu-nbd", args);
+        assert_eq!(ours.0, theirs.0, "{args:?}: sizes");
+        assert!(
+            ours.1 == theirs.1,
+            "{args:?}: the contents differ from qemu-nbd's"
+        );
+    }
+}
+
+/// A loop device over a file, detached when the test ends.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    /// None where loop devices cannot be set up (not root, no loop driver).
+    fn attach(file: &std::path::Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !dev.is_empty()).then_some(LoopDevice(dev))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A block device given as the image is opened with the host_device driver,
+/// as qemu-nbd probes it, whether named plainly or in `--image-opts`.
+#[test]
+fn block_devices_are_served_as_qemu_nbd_serves_them() {
+    if common::missing_tools(&["nbdinfo", "nbdcopy", "qemu-nbd", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("dev.img");
+    common::make_image(&backing, 2 << 20, 5);
+    let Some(dev) = LoopDevice::attach(&backing) else {
+        eprintln!("skipped: no loop device can be attached here");
+        return;
+    };
+    let image_opts = format!("driver=raw,file.filename={}", dev.0);
+    let cases: [Vec<&str>; 3] = [
+        vec!["-r", &dev.0],
+        vec!["-r", "-f", "raw", &dev.0],
+        vec!["-r", "--image-opts", &image_opts],
+    ];
+    let data = std::fs::read(&backing).unwrap();
+    for args in &cases {
+        let ours = export_contents(BLKD, args);
+        assert_eq!(ours.0, 2 << 20, "{args:?}: size");
+        assert!(ours.1 == data, "{args:?}: not the device's bytes");
         let theirs = export_contents("qemu-nbd", args);
         assert_eq!(ours.0, theirs.0, "{args:?}: sizes");
         assert!(

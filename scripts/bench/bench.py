@@ -35,8 +35,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
 
 NBD_SERVERS = ["blkd", "qsd", "qemu-nbd", "nbdkit"]
+# Only when asked for by --servers: nbdkit serving each connection on one
+# thread, as blkd serves QD1 clients, to tell design from scheduling.
+OPT_IN_SERVERS = ["nbdkit-1thread"]
 VHOST_SERVERS = ["blkd", "qsd"]
-PROGRAMS = {"qsd": "qemu-storage-daemon", "qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit"}
+PROGRAMS = {
+    "qsd": "qemu-storage-daemon",
+    "qemu-nbd": "qemu-nbd",
+    "nbdkit": "nbdkit",
+    "nbdkit-1thread": "nbdkit",
+}
 
 
 def log(msg):
@@ -166,8 +174,10 @@ def nbd_server(name, transport, image, rundir, logdir, blkd):
         argv = ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "8", "--cache=writeback"]
         argv += ["-k", ready[1]] if transport == "unix" else ["-b", "127.0.0.1", "-p", str(ready[1])]
         argv.append(image)
-    elif name == "nbdkit":
+    elif name in ("nbdkit", "nbdkit-1thread"):
         argv = ["nbdkit", "-f", "--exit-with-parent"]
+        if name == "nbdkit-1thread":
+            argv += ["--threads", "1"]
         argv += ["-U", ready[1]] if transport == "unix" else ["-i", "127.0.0.1", "-p", str(ready[1])]
         argv += ["file", image]
     else:
@@ -459,7 +469,10 @@ def main():
     ap.add_argument("--runtime", type=float, help="seconds per run (default 10, 2 with --quick)")
     ap.add_argument("--rounds", type=int, help="runs per case and server (default 5, 3 with --quick)")
     ap.add_argument("--image-size", type=int, help="image bytes (default 1 GiB, 256 MiB with --quick)")
-    ap.add_argument("--servers", help="comma-separated subset of blkd,qsd,qemu-nbd,nbdkit")
+    ap.add_argument(
+        "--servers",
+        help="comma-separated subset of blkd,qsd,qemu-nbd,nbdkit; also nbdkit-1thread (nbdkit --threads 1)",
+    )
     ap.add_argument("--filter", help="only cases whose id (e.g. nbd-unix/randread-4k-qd1) matches this regex")
     ap.add_argument("--out", help="results directory (default: a new one under $TMPDIR)")
     args = ap.parse_args()
@@ -473,7 +486,7 @@ def main():
         ap.error("--runtime and --rounds must be positive; --image-size a multiple of 1 MiB, at least 64 MiB")
     fio_runtime = max(1, round(runtime))
     wanted = args.servers.split(",") if args.servers else NBD_SERVERS
-    unknown = [s for s in wanted if s not in NBD_SERVERS]
+    unknown = [s for s in wanted if s not in NBD_SERVERS + OPT_IN_SERVERS]
     if unknown:
         ap.error(f"unknown servers: {', '.join(unknown)}")
     for s in wanted:

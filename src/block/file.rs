@@ -697,14 +697,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn describe_image(&self, image: &mut Map<String, Value>) {
-        // QEMU's file driver has format-specific information (empty unless
-        // on XFS); its host_device driver has none.
-        if self.driver_name == "file" {
-            image.insert(
-                "format-specific".into(),
-                serde_json::json!({"type": "file", "data": {}}),
-            );
-        }
+        // QEMU's, for both drivers (its XFS extent size hint aside).
+        image.insert(
+            "format-specific".into(),
+            serde_json::json!({"type": "file", "data": {}}),
+        );
     }
 
     fn allocated_size(&self) -> Option<u64> {

@@ -89,11 +89,7 @@ pub trait BlockDriver: Send + Sync {
     }
     /// The options that would open this node again, children included
     /// (QEMU's "full open options"), for its `json:` pseudo-filename.
-    fn open_options(&self) -> Map<String, Value> {
-        let mut opts = Map::new();
-        opts.insert("driver".into(), Value::from(self.driver_name()));
-        opts
-    }
+    fn open_options(&self) -> Map<String, Value>;
     /// The children of this node (a format node's `file` child), for the
     /// graph's reference counting.
     fn children(&self) -> Vec<Arc<BlockNode>> {
@@ -254,7 +250,7 @@ fn write_qdict_json(value: &Value, out: &mut String) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                out.push_str(&Value::from(key.as_str()).to_string());
+                write_qjson_string(key, out);
                 out.push_str(": ");
                 write_qdict_json(member, out);
             }
@@ -270,8 +266,36 @@ fn write_qdict_json(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
+        Value::String(text) => write_qjson_string(text, out),
         other => out.push_str(&other.to_string()),
     }
+}
+
+/// A JSON string as QEMU's writer escapes it: control characters, DEL and
+/// everything past ASCII as uppercase `\uXXXX` (surrogate pairs above the
+/// BMP).
+fn write_qjson_string(text: &str, out: &mut String) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04X}");
+                }
+            }
+        }
+    }
+    out.push('"');
 }
 
 /// A name for a node the user did not name, as QEMU gives them: `#block<N>`.
@@ -402,5 +426,31 @@ pub(crate) fn unsigned_option(opts: &Map<String, Value>, key: &str) -> Result<Op
             .as_u64()
             .map(Some)
             .ok_or_else(|| format!("Value '{v}' is out of range for parameter '{key}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qdict_json(value: Value) -> String {
+        let mut out = String::new();
+        write_qdict_json(&value, &mut out);
+        out
+    }
+
+    #[test]
+    fn qdict_json_is_written_as_qemu_writes_it() {
+        // Member order as QSD 10.0.2 printed this raw node's json: name.
+        let raw = serde_json::json!({"driver": "raw", "file": {"driver": "file", "filename": "/i"},
+                                     "offset": 4096, "size": 8192});
+        assert_eq!(
+            qdict_json(raw),
+            r#"{"offset": 4096, "driver": "raw", "size": 8192, "file": {"driver": "file", "filename": "/i"}}"#
+        );
+        assert_eq!(
+            qdict_json(serde_json::json!({"filename": "a\"\\\n\u{7f}é😀"})),
+            r#"{"filename": "a\"\\\n\u007F\u00E9\uD83D\uDE00"}"#
+        );
     }
 }

@@ -16,11 +16,23 @@ pub struct NullDriver {
     read_only: bool,
     read_zeroes: bool,
     latency: Option<Duration>,
+    /// `size` and `read-zeroes` as given, which name the node (QEMU's
+    /// strong options).
+    given: Map<String, Value>,
 }
 
 /// Opens a `null-co` node from schema-checked `blockdev-add` arguments.
 pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn BlockDriver>, String> {
-    let size = unsigned_option(opts, "size")?.unwrap_or(DEFAULT_SIZE);
+    let given_size = unsigned_option(opts, "size")?;
+    let size = given_size.unwrap_or(DEFAULT_SIZE);
+    let read_zeroes = opts.get("read-zeroes").and_then(Value::as_bool);
+    let mut given = Map::new();
+    if let Some(size) = given_size {
+        given.insert("size".into(), Value::from(size));
+    }
+    if let Some(read_zeroes) = read_zeroes {
+        given.insert("read-zeroes".into(), Value::Bool(read_zeroes));
+    }
     let latency_ns = match opts.get("latency-ns") {
         None => 0,
         Some(v) => v.as_u64().ok_or("latency-ns is invalid")?,
@@ -29,11 +41,9 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
         // QEMU reports every node's length in whole sectors.
         size: round_up_to_sector(size),
         read_only: ctx.read_only,
-        read_zeroes: opts
-            .get("read-zeroes")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        read_zeroes: read_zeroes.unwrap_or(false),
         latency: (latency_ns > 0).then(|| Duration::from_nanos(latency_ns)),
+        given,
     }))
 }
 
@@ -71,16 +81,14 @@ impl BlockDriver for NullDriver {
         false
     }
 
+    /// `null-co://` when no option that names the node was given.
+    fn filename(&self) -> Option<String> {
+        self.given.is_empty().then(|| "null-co://".to_string())
+    }
+
     fn open_options(&self) -> Map<String, Value> {
-        let mut opts = Map::new();
+        let mut opts = self.given.clone();
         opts.insert("driver".into(), Value::from("null-co"));
-        opts.insert("size".into(), Value::from(self.size));
-        if self.read_zeroes {
-            opts.insert("read-zeroes".into(), Value::Bool(true));
-        }
-        if let Some(latency) = self.latency {
-            opts.insert("latency-ns".into(), Value::from(latency.as_nanos() as u64));
-        }
         opts
     }
 
@@ -171,7 +179,7 @@ mod tests {
     fn defaults_and_size_rounding() {
         let drv = open_null(json!({"driver": "null-co"}), false).unwrap();
         assert_eq!(drv.size(), 1 << 30);
-        assert_eq!(drv.filename(), None);
+        assert_eq!(drv.filename().as_deref(), Some("null-co://"));
         let drv = open_null(json!({"size": 1000}), false).unwrap();
         assert_eq!(drv.size(), 1024);
     }
@@ -265,5 +273,20 @@ mod tests {
         let start = std::time::Instant::now();
         drv.flush().unwrap();
         assert!(start.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn named_by_the_strong_options_given_as_qemu() {
+        let name = |opts| super::super::display_filename(&*open_null(opts, false).unwrap());
+        assert_eq!(name(json!({})), "null-co://");
+        assert_eq!(name(json!({"latency-ns": 5})), "null-co://");
+        assert_eq!(
+            name(json!({"size": 1000})),
+            "json:{\"driver\": \"null-co\", \"size\": 1000}"
+        );
+        assert_eq!(
+            name(json!({"read-zeroes": false})),
+            "json:{\"read-zeroes\": false, \"driver\": \"null-co\"}"
+        );
     }
 }

@@ -453,10 +453,11 @@ struct HeaderBacking {
 }
 
 /// Where the backing file `name` of `image` is: relative names are taken
-/// from the image's directory.
+/// from the image's directory (not `json:` or protocol names).
 fn backing_path(image: &Path, name: &str) -> PathBuf {
+    let plain = !name.starts_with("json:") && !name.contains("://");
     match image.parent() {
-        Some(dir) if Path::new(name).is_relative() => dir.join(name),
+        Some(dir) if plain && Path::new(name).is_relative() => dir.join(name),
         _ => PathBuf::from(name),
     }
 }
@@ -692,7 +693,7 @@ impl Qcow2Driver {
             }
             if let ShallowMapping::Raw { offset: host, .. } = mapping {
                 if host.saturating_add(length) > file_end {
-                    let what = self.filename().unwrap_or_default();
+                    let what = self.image_name();
                     log::error!("qcow2 image '{what}' is corrupt: offset {pos} maps to host offset {host}, past the end of the file");
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -731,6 +732,14 @@ impl Qcow2Driver {
         write_zeroes_as_data(self, offset, len, &zeroes)
     }
 
+    /// The image file's name (or its node's), for messages.
+    fn image_name(&self) -> String {
+        self.file
+            .driver()
+            .filename()
+            .unwrap_or_else(|| self.file.name().to_string())
+    }
+
     /// Whether the backing is not what the header names, as QEMU's
     /// bdrv_backing_overridden: a backing chosen by the options counts as
     /// the header's only when the header names its very filename.
@@ -755,8 +764,9 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
 
+    /// Whole sectors: QEMU rounds a (crafted) size in the header down.
     fn size(&self) -> u64 {
-        self.image().size()
+        self.image().size() & !511
     }
 
     fn read_only(&self) -> bool {
@@ -961,7 +971,7 @@ impl BlockDriver for Qcow2Driver {
                 io::ErrorKind::Unsupported,
                 format!(
                     "Cannot resize '{}': it has internal snapshots",
-                    self.filename().unwrap_or_default()
+                    self.image_name()
                 ),
             ));
         }
@@ -1006,7 +1016,7 @@ impl BlockDriver for Qcow2Driver {
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        let what = self.filename().unwrap_or_default();
+        let what = self.image_name();
         if !self.read_only {
             if let Err(e) = self.image().flush() {
                 log::error!("Could not write qcow2 metadata of '{what}' on close: {e}");
@@ -1466,6 +1476,16 @@ mod tests {
             assert_eq!(drv.size(), 1 << 20);
         }
         run("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn a_size_between_sectors_rounds_down_as_in_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        create_qcow2(&img, None, &[]);
+        // The virtual size field of the header.
+        patch(&img, 24, &1000u64.to_be_bytes());
+        assert_eq!(open_qcow2(&img, true).size(), 512);
     }
 
     fn patch(path: &Path, offset: u64, bytes: &[u8]) {
