@@ -108,83 +108,63 @@ fn report(which: Impl) -> Report {
     let dir = tempfile::tempdir().unwrap();
     make_images(dir.path());
     let d = dir.path().to_str().unwrap().to_string();
-    let file_node = |node: &str, image: &str| format!("file,node-name={node},filename={d}/{image}");
-    let daemon = Daemon::start(
-        which,
-        &[
-            "--blockdev",
-            &file_node("cf", "chain.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=chain,file=cf",
-            "--blockdev",
-            &file_node("of", "onraw.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=onraw,file=of",
-            "--blockdev",
-            &file_node("vf", "v2.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=v2,file=vf",
-            "--blockdev",
-            &file_node("lf", "lazy.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=lazy,file=lf",
-            "--blockdev",
-            &file_node("bf", "bm.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=bm,file=bf",
-            "--blockdev",
-            &format!(
-                "qcow2,node-name=top,file.driver=file,file.filename={d}/top.qcow2,\
-                 backing.driver=qcow2,backing.node-name=b2,\
-                 backing.file.driver=file,backing.file.node-name=b2f,\
-                 backing.file.filename={d}/base2.qcow2"
-            ),
-            // Nodes that only a json: name describes.
-            "--blockdev",
-            &file_node("nf", "nul.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=nul,file=nf,backing=",
-            "--blockdev",
-            &format!(
+    let mut blockdevs = Vec::new();
+    // A file node and a format node on it, for each image opened plainly.
+    for (node, image, extra) in [
+        ("chain", "chain.qcow2", ""),
+        ("onraw", "onraw.qcow2", ""),
+        ("v2", "v2.qcow2", ""),
+        ("lazy", "lazy.qcow2", ""),
+        ("bm", "bm.qcow2", ""),
+        // Nodes that only a json: name describes.
+        ("nul", "nul.qcow2", ",backing="),
+        ("oth", "oth.qcow2", ",backing=other"),
+    ] {
+        if node == "oth" {
+            blockdevs.push(format!(
                 "qcow2,node-name=other,read-only=on,file.driver=file,file.filename={d}/other.qcow2"
-            ),
-            "--blockdev",
-            &file_node("tf", "oth.qcow2"),
-            "--blockdev",
-            "qcow2,node-name=oth,file=tf,backing=other",
-            "--blockdev",
-            &file_node("rf", "window.img"),
-            "--blockdev",
-            "raw,node-name=window,file=rf,offset=4096,size=8192",
-            "--blockdev",
-            "null-co,node-name=n0",
-            "--blockdev",
-            "null-co,node-name=n1,read-zeroes=off,latency-ns=5",
-            "--blockdev",
-            "null-co,node-name=n2,size=1000",
-        ],
-    );
+            ));
+        }
+        blockdevs.push(format!("file,node-name={node}-file,filename={d}/{image}"));
+        blockdevs.push(format!("qcow2,node-name={node},file={node}-file{extra}"));
+    }
+    blockdevs.push(format!(
+        "qcow2,node-name=top,file.driver=file,file.filename={d}/top.qcow2,\
+         backing.driver=qcow2,backing.node-name=b2,\
+         backing.file.driver=file,backing.file.node-name=b2f,\
+         backing.file.filename={d}/base2.qcow2"
+    ));
+    blockdevs.push(format!("file,node-name=rf,filename={d}/window.img"));
+    for plain in [
+        "raw,node-name=window,file=rf,offset=4096,size=8192",
+        "null-co,node-name=n0",
+        "null-co,node-name=n1,read-zeroes=off,latency-ns=5",
+        "null-co,node-name=n2,size=1000",
+    ] {
+        blockdevs.push(plain.to_string());
+    }
+    let args: Vec<&str> = blockdevs
+        .iter()
+        .flat_map(|b| ["--blockdev", b.as_str()])
+        .collect();
+    let daemon = Daemon::start(which, &args);
     let mut qmp = daemon.qmp();
     // Commands take the names of nodes a header opened, as QEMU's do.
     let listing = qmp.ok("query-named-block-nodes", json!({"flat": true}));
-    let mid = listing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["drv"] == "qcow2" && n["file"] == format!("{d}/mid.qcow2"))
-        .expect("mid.qcow2's node is listed")["node-name"]
-        .clone();
+    // mid.qcow2's qcow2 and file nodes.
+    let mid_node = |driver: &str| -> Value {
+        let path = format!("{d}/mid.qcow2");
+        let nodes = listing.as_array().unwrap();
+        let node = nodes
+            .iter()
+            .find(|n| n["drv"] == driver && n["file"] == path);
+        node.unwrap_or_else(|| panic!("no {driver} node for {path}"))["node-name"].clone()
+    };
+    let (mid, mid_file) = (mid_node("qcow2"), mid_node("file"));
     qmp.ok(
         "block-dirty-bitmap-add",
         json!({"node": mid, "name": "on-mid"}),
     );
-    let mid_file = listing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["drv"] == "file" && n["file"] == format!("{d}/mid.qcow2"))
-        .expect("mid.qcow2's file node is listed")["node-name"]
-        .clone();
     // Only what blockdev-add created can be deleted.
     let mut refused = Vec::new();
     for name in [&mid, &mid_file] {

@@ -222,80 +222,12 @@ pub struct WritePolicy {
 }
 
 /// The node's filename as QEMU reports it: the plain one, or else
-/// `json:` and its open options, printed as QEMU prints a QDict.
+/// `json:` and its open options, written as QEMU writes a QDict.
 pub fn display_filename(drv: &dyn BlockDriver) -> String {
     drv.filename().unwrap_or_else(|| {
-        let mut text = String::from("json:");
-        write_qdict_json(&Value::Object(drv.open_options()), &mut text);
-        text
+        let options = Value::Object(drv.open_options());
+        format!("json:{}", qmp::output::to_json(&options, false))
     })
-}
-
-/// QEMU's JSON text of a QDict: `", "` and `": "` separators, and members
-/// in the order of its hash table's buckets (qobject/qdict.c).
-fn write_qdict_json(value: &Value, out: &mut String) {
-    fn bucket(key: &str) -> u32 {
-        let mut hash = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
-        for (i, byte) in key.bytes().enumerate() {
-            hash = hash.wrapping_add(u32::from(byte) << (i * 5 % 24));
-        }
-        1_103_515_243u32.wrapping_mul(hash).wrapping_add(12345) % 512
-    }
-    match value {
-        Value::Object(map) => {
-            let mut members: Vec<_> = map.iter().collect();
-            members.sort_by_key(|(key, _)| (bucket(key), key.as_str()));
-            out.push('{');
-            for (i, (key, member)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_qjson_string(key, out);
-                out.push_str(": ");
-                write_qdict_json(member, out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_qdict_json(item, out);
-            }
-            out.push(']');
-        }
-        Value::String(text) => write_qjson_string(text, out),
-        other => out.push_str(&other.to_string()),
-    }
-}
-
-/// A JSON string as QEMU's writer escapes it: control characters, DEL and
-/// everything past ASCII as uppercase `\uXXXX` (surrogate pairs above the
-/// BMP).
-fn write_qjson_string(text: &str, out: &mut String) {
-    use std::fmt::Write;
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{unit:04X}");
-                }
-            }
-        }
-    }
-    out.push('"');
 }
 
 /// A name for a node the user did not name, as QEMU gives them: `#block<N>`.
@@ -433,24 +365,32 @@ pub(crate) fn unsigned_option(opts: &Map<String, Value>, key: &str) -> Result<Op
 mod tests {
     use super::*;
 
-    fn qdict_json(value: Value) -> String {
-        let mut out = String::new();
-        write_qdict_json(&value, &mut out);
-        out
-    }
-
     #[test]
-    fn qdict_json_is_written_as_qemu_writes_it() {
-        // Member order as QSD 10.0.2 printed this raw node's json: name.
-        let raw = serde_json::json!({"driver": "raw", "file": {"driver": "file", "filename": "/i"},
-                                     "offset": 4096, "size": 8192});
+    fn json_filenames_are_written_as_qemu_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("é.img");
+        std::fs::write(&path, [0u8; 16384]).unwrap();
+        let file_opts = serde_json::json!({"driver": "file", "filename": path});
+        let file_opts = file_opts.as_object().unwrap();
+        let no_nodes = |_: &str| None;
+        let ctx = OpenContext::from_options(file_opts, &no_nodes).unwrap();
+        let file = Arc::new(BlockNode::new(
+            "f0".into(),
+            open("file", file_opts, &ctx).unwrap(),
+        ));
+        let raw_opts =
+            serde_json::json!({"driver": "raw", "file": "f0", "offset": 4096, "size": 8192});
+        let raw_opts = raw_opts.as_object().unwrap();
+        let lookup = |n: &str| (n == "f0").then(|| Arc::clone(&file));
+        let ctx = OpenContext::from_options(raw_opts, &lookup).unwrap();
+        let raw = open("raw", raw_opts, &ctx).unwrap();
+        // Member order and escaping as QSD 10.0.2 printed such a node's name.
+        let dir = dir.path().to_str().unwrap();
         assert_eq!(
-            qdict_json(raw),
-            r#"{"offset": 4096, "driver": "raw", "size": 8192, "file": {"driver": "file", "filename": "/i"}}"#
-        );
-        assert_eq!(
-            qdict_json(serde_json::json!({"filename": "a\"\\\n\u{7f}é😀"})),
-            r#"{"filename": "a\"\\\n\u007F\u00E9\uD83D\uDE00"}"#
+            display_filename(&*raw),
+            format!(
+                r#"json:{{"offset": 4096, "driver": "raw", "size": 8192, "file": {{"driver": "file", "filename": "{dir}/\u00E9.img"}}}}"#
+            )
         );
     }
 }
