@@ -419,8 +419,9 @@ def fmt(v, spec):
 
 
 def table(summary):
+    width = max([9] + [len(r["server"]) for r in summary])
     head = (
-        f"{'case':34} {'server':9} {'IOPS':>9} {'MiB/s':>8} {'lat us':>8} {'p99 us':>8} "
+        f"{'case':34} {'server':{width}} {'IOPS':>9} {'MiB/s':>8} {'lat us':>8} {'p99 us':>8} "
         f"{'srv CPU%':>8} {'work/CPU-s':>12} {'CPU cost':>12} {'xIOPS':>6} {'xLAT':>6} {'xWORK':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -434,7 +435,7 @@ def table(summary):
         cost = "-" if r["cpu_cost"] is None else f"{r['cpu_cost']:.2f} {cost_unit}"
         note = f"  ({r['failed']} failed)" if r["failed"] else ""
         lines.append(
-            f"{r['case']:34} {r['server']:9} {fmt(r['iops'], '9.0f')} {fmt(r['mib_s'], '8.1f')} "
+            f"{r['case']:34} {r['server']:{width}} {fmt(r['iops'], '9.0f')} {fmt(r['mib_s'], '8.1f')} "
             f"{fmt(r['lat_mean_us'], '8.1f')} {fmt(r['lat_p99_us'], '8.1f')} "
             f"{fmt(r['server_cpu_pct'], '8.1f')} {work:>12} {cost:>12} {fmt(r['iops_ratio'], '6.2f')} "
             f"{fmt(r['lat_mean_us_ratio'], '6.2f')} {fmt(r['work_per_cpu_s_ratio'], '6.2f')}{note}"
