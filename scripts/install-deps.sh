@@ -25,7 +25,8 @@ for pair in nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdkit:nbdkit fio:fio certtool:g
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+# From / so that the workspace's own nbd/ directory is not taken for the module.
+(cd / && /usr/bin/python3 -c 'import nbd; nbd.NBD') 2>/dev/null || need+=(python3-libnbd)
 [ -e /usr/bin/busybox ] || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -37,7 +38,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # The PyPI QMP client (qemu.qmp) used by the QMP client tests and qmp-shell.
-if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+if ! (cd / && python3 -c 'import qemu.qmp') 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check qemu.qmp 2>/dev/null \
         || python3 -m pip install -q --user --disable-pip-version-check qemu.qmp
 fi
