@@ -117,7 +117,10 @@ impl Daemon {
             return Err(generic(format!("Node {name} is in use")));
         }
         drop(node);
-        self.graph.remove(name).map_err(generic)?;
+        let exports = &self.exports;
+        self.graph
+            .remove(name, &|n| exports.uses_node(n))
+            .map_err(generic)?;
         Ok(json!({}))
     }
 
@@ -144,6 +147,7 @@ impl Daemon {
         if size < 0 {
             return Err(generic("Parameter 'size' expects a >0 size"));
         }
+        self.graph.check_not_backing(&node).map_err(generic)?;
         if node.driver().read_only() {
             return Err(generic("Image is read-only"));
         }
@@ -211,6 +215,8 @@ impl Daemon {
 /// QEMU's texts for resize failures.
 fn resize_error_text(e: &std::io::Error) -> String {
     match e.kind() {
+        // A driver's own refusal, in QEMU's words.
+        std::io::ErrorKind::InvalidInput if e.get_ref().is_some() => e.to_string(),
         std::io::ErrorKind::Unsupported => "Image format driver does not support resize".into(),
         _ => format!("Could not resize: {}", crate::errno_text(e)),
     }

@@ -145,23 +145,36 @@ impl Graph {
             .find(|n| n.driver().children().iter().any(|c| Arc::ptr_eq(c, node)))
     }
 
+    /// QEMU's refusal to change a node that is another's backing (its
+    /// blockers): `Node 'X' is busy: ...`.
+    pub fn check_not_backing(&self, node: &Arc<BlockNode>) -> Result<(), String> {
+        let parent = self
+            .nodes
+            .iter()
+            .find(|n| n.driver().backing().is_some_and(|b| Arc::ptr_eq(&b, node)));
+        match parent {
+            Some(parent) => Err(format!(
+                "Node '{}' is busy: node is used as backing hd of '{}'",
+                node.name(),
+                parent.name()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Removes a node `blockdev-add` created that nobody uses, with QEMU's
-    /// checks and texts; the caller has checked exports.
-    pub fn remove(&mut self, name: &str) -> Result<(), String> {
+    /// checks and texts; the caller has checked exports, and `exported`
+    /// says which nodes exports still hold.
+    pub fn remove(
+        &mut self,
+        name: &str,
+        exported: &dyn Fn(&Arc<BlockNode>) -> bool,
+    ) -> Result<(), String> {
         let node = self
             .get(name)
             .cloned()
             .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
-        let backed = self
-            .nodes
-            .iter()
-            .find(|n| n.driver().backing().is_some_and(|b| Arc::ptr_eq(&b, &node)));
-        if let Some(parent) = backed {
-            return Err(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{}'",
-                parent.name()
-            ));
-        }
+        self.check_not_backing(&node)?;
         if !self.owned.contains(name) {
             return Err(format!("Node {name} is not owned by the monitor"));
         }
@@ -169,20 +182,22 @@ impl Graph {
             return Err(format!("Block device {name} is in use"));
         }
         self.owned.remove(name);
-        self.detach(node);
+        self.nodes.retain(|n| !Arc::ptr_eq(n, &node));
+        self.prune(exported);
         Ok(())
     }
 
-    /// Takes `node` out of the graph, with the children it created (inline
-    /// ones and those its image header opened) that nothing else uses.
-    fn detach(&mut self, node: Arc<BlockNode>) {
-        self.nodes.retain(|n| !Arc::ptr_eq(n, &node));
-        let children = node.driver().children();
-        drop(node);
-        for child in children {
-            // Held by the graph and by `children` only.
-            if !self.owned.contains(child.name()) && Arc::strong_count(&child) <= 2 {
-                self.detach(child);
+    /// Drops the nodes nothing uses any more: not created by `blockdev-add`,
+    /// no parent in the graph, no export (`exported`). These are children
+    /// whose parent went, as QEMU frees a node when its last user goes.
+    pub fn prune(&mut self, exported: &dyn Fn(&Arc<BlockNode>) -> bool) {
+        loop {
+            let orphan = self.nodes.iter().position(|n| {
+                !self.owned.contains(n.name()) && self.parent_of(n).is_none() && !exported(n)
+            });
+            match orphan {
+                Some(index) => drop(self.nodes.remove(index)),
+                None => break,
             }
         }
     }
@@ -471,12 +486,15 @@ mod tests {
         g.add(&null_opts("n0")).unwrap();
         let raw = json!({"driver": "raw", "node-name": "r0", "file": "n0"});
         g.add(raw.as_object().unwrap()).unwrap();
-        assert_eq!(g.remove("n0").unwrap_err(), "Block device n0 is in use");
-        g.remove("r0").unwrap();
-        g.remove("n0").unwrap();
+        assert_eq!(
+            g.remove("n0", &|_| false).unwrap_err(),
+            "Block device n0 is in use"
+        );
+        g.remove("r0", &|_| false).unwrap();
+        g.remove("n0", &|_| false).unwrap();
         assert!(g.nodes().is_empty());
         assert_eq!(
-            g.remove("n0").unwrap_err(),
+            g.remove("n0", &|_| false).unwrap_err(),
             "Failed to find node with node-name='n0'"
         );
     }
@@ -539,18 +557,21 @@ mod tests {
         assert_eq!(names[2..], ["q0", "f0"]);
         assert!(g.get(&names[0]).unwrap().driver().read_only());
         assert_eq!(
-            g.remove(&names[0]).unwrap_err(),
+            g.remove(&names[0], &|_| false).unwrap_err(),
             format!(
                 "Node '{}' is busy: node is used as backing hd of 'q0'",
                 names[0]
             )
         );
         assert_eq!(
-            g.remove(&names[1]).unwrap_err(),
+            g.remove(&names[1], &|_| false).unwrap_err(),
             format!("Node {} is not owned by the monitor", names[1])
         );
-        assert_eq!(g.remove("f0").unwrap_err(), "Block device f0 is in use");
-        g.remove("q0").unwrap();
+        assert_eq!(
+            g.remove("f0", &|_| false).unwrap_err(),
+            "Block device f0 is in use"
+        );
+        g.remove("q0", &|_| false).unwrap();
         let names: Vec<&str> = g.nodes().iter().map(|n| n.name()).collect();
         assert_eq!(names, ["f0"]);
     }

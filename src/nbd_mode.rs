@@ -248,6 +248,12 @@ fn default_child_drivers(node: &mut serde_json::Map<String, serde_json::Value>) 
         }
         default_child_drivers(file);
     }
+    // The image's header decides its backing's format when it records one;
+    // only then is the backing file probed.
+    let recorded = match node.get("file") {
+        Some(Value::Object(file)) => recorded_backing_format(&filename_of(file)),
+        _ => None,
+    };
     if let Some(Value::Object(backing)) = node.get_mut("backing") {
         default_child_drivers(backing);
         if !backing.contains_key("driver") {
@@ -255,7 +261,38 @@ fn default_child_drivers(node: &mut serde_json::Map<String, serde_json::Value>) 
                 Some(Value::Object(file)) => filename_of(file),
                 _ => String::new(),
             };
-            backing.insert("driver".into(), Value::from(probe_format(&filename)));
+            let format = recorded.unwrap_or_else(|| probe_format(&filename));
+            backing.insert("driver".into(), Value::from(format));
+        }
+    }
+}
+
+/// The backing format a qcow2 image's header records (the 0xe2792aca
+/// header extension), if `path` is such an image and records one.
+fn recorded_backing_format(path: &str) -> Option<String> {
+    const BACKING_FORMAT: u32 = 0xe279_2aca;
+    let mut head = Vec::new();
+    let file = std::fs::File::open(path).ok()?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, 65536), &mut head).ok()?;
+    let be32 = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(head.get(at..at + 4)?.try_into().ok()?))
+    };
+    if head.get(..4) != Some(b"QFI\xfb") {
+        return None;
+    }
+    // Extensions follow the header: 72 bytes in version 2, header_length in 3.
+    let mut at = if be32(4)? == 2 {
+        72
+    } else {
+        be32(100)? as usize
+    };
+    loop {
+        let (kind, len) = (be32(at)?, be32(at + 4)? as usize);
+        let data = head.get(at + 8..at + 8 + len)?;
+        match kind {
+            0 => return None,
+            BACKING_FORMAT => return String::from_utf8(data.to_vec()).ok(),
+            _ => at += 8 + len.next_multiple_of(8),
         }
     }
 }

@@ -259,6 +259,7 @@ impl Daemon {
             self.exports.remove(&id);
             self.emit_event("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
         }
+        self.prune_graph();
         state.stop();
         Ok(())
     }

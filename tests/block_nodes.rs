@@ -292,3 +292,119 @@ fn named_block_nodes_describe_images_and_chains_as_qsd() {
     );
     assert_eq!(blkd.writable_backing, qsd.writable_backing);
 }
+
+/// What `blockdev-del`, `block_resize` and exports say about nodes a header
+/// opened and nodes an export outlives, as a transcript of replies with the
+/// `#block<N>` names replaced.
+fn deletion_transcript(which: Impl) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let create = |args: &[&str]| run_ok("qemu-img", &[&["create", "-q"][..], args].concat());
+    create(&["-f", "qcow2", &format!("{d}/base.qcow2"), "4M"]);
+    create(&[
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &format!("{d}/top.qcow2"),
+    ]);
+    let daemon = Daemon::start(
+        which,
+        &[
+            "--blockdev",
+            &format!("qcow2,node-name=top,file.driver=file,file.filename={d}/top.qcow2"),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={d}/nbd.sock"),
+        ],
+    );
+    let mut qmp = daemon.qmp();
+    let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+    let backing = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "qcow2" && n["node-name"] != "top")
+        .expect("the header's backing node is listed")["node-name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut transcript = Vec::new();
+    let run = |qmp: &mut common::Qmp, name: &str, args: Value| {
+        let reply = qmp.cmd(name, args).to_string().replace(&backing, "BACKING");
+        format!("{name}: {reply}")
+    };
+    transcript.push(run(
+        &mut qmp,
+        "block_resize",
+        json!({"node-name": backing, "size": 1 << 20}),
+    ));
+    transcript.push(run(
+        &mut qmp,
+        "block_resize",
+        json!({"node-name": "top", "size": (4 << 20) + 1000}),
+    ));
+    transcript.push(run(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top"}),
+    ));
+    transcript.push(run(&mut qmp, "blockdev-del", json!({"node-name": backing})));
+    transcript.push(run(&mut qmp, "block-export-del", json!({"id": "e0"})));
+    // An export keeps an inline child alive after its parent is deleted;
+    // the child goes with the export.
+    transcript.push(run(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "p1",
+               "file": {"driver": "null-co", "node-name": "nc"}}),
+    ));
+    transcript.push(run(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "nc"}),
+    ));
+    transcript.push(run(&mut qmp, "blockdev-del", json!({"node-name": "nc"})));
+    transcript.push(run(&mut qmp, "blockdev-del", json!({"node-name": "p1"})));
+    let names = |qmp: &mut common::Qmp| -> Vec<String> {
+        let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+        let mut names: Vec<String> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().to_string())
+            .filter(|n| !n.starts_with("#block"))
+            .collect();
+        names.sort();
+        names
+    };
+    transcript.push(format!("nodes: {:?}", names(&mut qmp)));
+    transcript.push(run(&mut qmp, "block-export-del", json!({"id": "e1"})));
+    // The deletion may finish after the reply.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    transcript.push(format!("nodes: {:?}", names(&mut qmp)));
+    transcript.push(run(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "nc"}),
+    ));
+    transcript.push(run(&mut qmp, "blockdev-del", json!({"node-name": "nc"})));
+    transcript
+}
+
+#[test]
+fn deleting_and_resizing_nodes_as_qsd() {
+    if missing_tools(&["qemu-img", "qemu-storage-daemon"]) {
+        return;
+    }
+    let ours = deletion_transcript(Impl::Blkd);
+    let theirs = deletion_transcript(Impl::Qsd);
+    assert_eq!(ours, theirs);
+    // What the comparison rests on.
+    assert!(ours[0].contains("Node 'BACKING' is busy: node is used as backing hd of 'top'"));
+    assert!(ours[1].contains("The new size must be a multiple of 512"));
+    assert!(ours[3].contains("is busy"), "{ours:?}");
+    assert_eq!(ours[9], "nodes: [\"nc\", \"top\"]");
+    assert_eq!(ours[11], "nodes: [\"top\"]");
+}

@@ -325,6 +325,24 @@ fn offset_and_image_opts_as_qemu_nbd() {
             "{args:?}: the contents differ from qemu-nbd's"
         );
     }
+    // The overlay's header says its backing is raw: the qcow2 file under it
+    // is read as raw bytes, not probed and read as qcow2.
+    let as_raw = dir.path().join("d.qcow2");
+    let d = as_raw.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", q, "-F", "raw", d],
+    );
+    let recorded = format!("driver=qcow2,file.filename={d},backing.file.filename={q}");
+    let args = ["-r", "--image-opts", &recorded];
+    let ours = export_contents(BLKD, &args);
+    assert!(
+        ours.1.starts_with(b"QFI\xfb"),
+        "the backing was not read as raw"
+    );
+    let theirs = export_contents("qemu-nbd", &args);
+    assert_eq!(ours.0, theirs.0, "sizes");
+    assert!(ours.1 == theirs.1, "the contents differ from qemu-nbd's");
 }
 
 /// A loop device over a file, detached when the test ends.

@@ -1507,12 +1507,15 @@ mod tests {
     }
 
     /// Runs qemu-storage-daemon with a writable NBD export of `path`; returns
-    /// the child once its NBD socket exists, or its stderr if it failed.
+    /// the child once its options are all applied, or its stderr if it
+    /// failed.
     fn qsd_writable_export(
         path: &str,
         dir: &std::path::Path,
     ) -> Result<std::process::Child, String> {
         let sock = dir.join("nbd.sock");
+        let ready = dir.join("ready.sock");
+        let _ = std::fs::remove_file(&ready);
         let mut child = std::process::Command::new("qemu-storage-daemon")
             .args(["--blockdev", &format!("file,node-name=f0,filename={path}")])
             .args(["--blockdev", "raw,node-name=r0,file=f0"])
@@ -1521,6 +1524,15 @@ mod tests {
                 &format!("addr.type=unix,addr.path={}", sock.display()),
             ])
             .args(["--export", "nbd,id=e0,node-name=r0,writable=on"])
+            // QSD applies its options in order: this socket appears once the
+            // export exists (the NBD socket comes before it).
+            .args([
+                "--chardev",
+                &format!(
+                    "socket,id=ready,path={},server=on,wait=off",
+                    ready.display()
+                ),
+            ])
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
@@ -1530,7 +1542,7 @@ mod tests {
                 let out = child.wait_with_output().map_err(|e| e.to_string())?;
                 return Err(String::from_utf8_lossy(&out.stderr).into_owned());
             }
-            if sock.exists() {
+            if ready.exists() {
                 return Ok(child);
             }
             std::thread::sleep(std::time::Duration::from_millis(50));

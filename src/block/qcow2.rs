@@ -966,6 +966,12 @@ impl BlockDriver for Qcow2Driver {
 
     fn resize(&self, new_size: u64) -> io::Result<()> {
         self.check_writable()?;
+        if !new_size.is_multiple_of(512) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "The new size must be a multiple of 512",
+            ));
+        }
         if self.header.snapshots > 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,

@@ -53,15 +53,10 @@ impl Exports {
         self.list.iter().find(|e| e.id == id)
     }
 
+    /// Whether an export serves `node` itself (its children are the
+    /// graph's business).
     pub fn uses_node(&self, node: &Arc<BlockNode>) -> bool {
-        self.list.iter().any(|e| {
-            Arc::ptr_eq(&e.node, node)
-                || e.node
-                    .driver()
-                    .children()
-                    .iter()
-                    .any(|c| Arc::ptr_eq(c, node))
-        })
+        self.list.iter().any(|e| Arc::ptr_eq(&e.node, node))
     }
 
     pub fn iothread_user(&self, iothread: &str) -> Option<&str> {
@@ -285,6 +280,8 @@ impl Daemon {
         if let ExportKind::VhostUserBlk(v) = export.kind {
             v.stop();
         }
+        drop(export.node);
+        self.prune_graph();
         log::info!("export '{id}' deleted");
         let data = Some(json!({ "id": id }));
         if after_reply {
@@ -292,6 +289,12 @@ impl Daemon {
         } else {
             self.emit_event("BLOCK_EXPORT_DELETED", data);
         }
+    }
+
+    /// Drops the nodes only a deleted export still held.
+    pub fn prune_graph(&mut self) {
+        let exports = &self.exports;
+        self.graph.prune(&|n| exports.uses_node(n));
     }
 
     /// The clients of a hard-deleted NBD export are gone.
