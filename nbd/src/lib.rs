@@ -39,8 +39,9 @@ pub trait Stream: Read + Write + Send {
     fn try_clone(&self) -> io::Result<Box<dyn Stream>>;
     /// Shut down both directions, waking up any thread blocked on the stream.
     fn shutdown(&self) -> io::Result<()>;
-    /// Bound how long a read may block (`None`: forever). Used for the handshake timeout.
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bound how long one read or write may block (`None`: forever). Used for the
+    /// handshake timeout, which a client that stops reading must not escape either.
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// The socket itself, when the bytes on it are the protocol's own (not TLS records):
     /// READ payloads are spliced into it and it is polled for requests.
     fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
@@ -57,8 +58,9 @@ impl Stream for UnixStream {
         UnixStream::shutdown(self, std::net::Shutdown::Both)
     }
 
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_read_timeout(self, timeout)
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)?;
+        UnixStream::set_write_timeout(self, timeout)
     }
 
     fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
@@ -75,8 +77,9 @@ impl Stream for TcpStream {
         TcpStream::shutdown(self, std::net::Shutdown::Both)
     }
 
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_read_timeout(self, timeout)
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)?;
+        TcpStream::set_write_timeout(self, timeout)
     }
 
     fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
@@ -135,7 +138,7 @@ pub trait ExportBackend: Send + Sync {
         Ok(())
     }
     /// Status of a range for metadata context `context` (0 = `base:allocation`, `i` =
-    /// `ExportConfig::meta_contexts[i - 1]`). Returns extents covering at least a non-empty
+    /// `ExportConfig::meta_contexts[i - 1]`, whatever its wire id). Returns extents covering at least a non-empty
     /// prefix of the range; the server calls again for the rest. Also used with context 0 to
     /// send holes ([`proto::STATE_ZERO`] extents) instead of data in READ replies.
     /// The default reports everything as allocated data.
@@ -162,9 +165,8 @@ pub struct ExportConfig {
     pub read_only: bool,
     /// Advertise CAN_MULTI_CONN (QEMU does unless the server allows a single connection).
     pub multi_conn: bool,
-    /// Metadata contexts besides `base:allocation`, in the order their ids are assigned
-    /// (QEMU: `qemu:allocation-depth` first, then `qemu:dirty-bitmap:NAME`s).
-    pub meta_contexts: Vec<String>,
+    /// Metadata contexts besides `base:allocation`, in the order replies list them.
+    pub meta_contexts: Vec<MetaContextConfig>,
     /// Places the threads that serve this export, e.g. on an iothread's CPUs.
     pub on_serve: Option<ServeHook>,
     /// How long a connection's reader may poll its socket for the next request before it
@@ -184,6 +186,17 @@ impl std::fmt::Debug for ExportConfig {
             .field("poll_max", &self.poll_max)
             .finish()
     }
+}
+
+/// A metadata context an export offers besides `base:allocation` (which has id 0).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetaContextConfig {
+    /// The id SET_META_CONTEXT assigns and BLOCK_STATUS replies carry: unique, not 0.
+    /// Fixed per context rather than counted, as QEMU does (`qemu:allocation-depth` is 1
+    /// and `qemu:dirty-bitmap:NAME`s are 2 on, whether or not the other is offered).
+    pub id: u32,
+    /// The full context name, e.g. `qemu:dirty-bitmap:b0`.
+    pub name: String,
 }
 
 /// Errors of the server's management API and of the client.

@@ -64,7 +64,19 @@ impl Export {
     pub(crate) fn context_name(&self, index: usize) -> Option<&str> {
         match index {
             0 => Some(proto::BASE_ALLOCATION),
-            i => self.config.meta_contexts.get(i - 1).map(String::as_str),
+            i => self
+                .config
+                .meta_contexts
+                .get(i - 1)
+                .map(|c| c.name.as_str()),
+        }
+    }
+
+    /// The wire id of context `index` (see [`Export::context_name`]).
+    pub(crate) fn context_id(&self, index: usize) -> Option<u32> {
+        match index {
+            0 => Some(0),
+            i => self.config.meta_contexts.get(i - 1).map(|c| c.id),
         }
     }
 
@@ -173,12 +185,20 @@ impl Server {
         {
             return Err(invalid("description longer than 4096 bytes"));
         }
-        if let Some(bad) = config
-            .meta_contexts
-            .iter()
-            .find(|c| c.len() > proto::MAX_STRING || c.as_str() == proto::BASE_ALLOCATION)
-        {
-            return Err(invalid(&format!("bad extra metadata context '{bad}'")));
+        for (i, c) in config.meta_contexts.iter().enumerate() {
+            let reused = config.meta_contexts[..i]
+                .iter()
+                .any(|earlier| earlier.id == c.id || earlier.name == c.name);
+            if c.name.len() > proto::MAX_STRING
+                || c.name == proto::BASE_ALLOCATION
+                || c.id == 0
+                || reused
+            {
+                return Err(invalid(&format!(
+                    "bad extra metadata context '{}' (id {})",
+                    c.name, c.id
+                )));
+            }
         }
         let mut exports = lock(&self.exports);
         if exports.iter().any(|e| e.config.name == config.name) {
@@ -380,7 +400,7 @@ impl Server {
             return;
         }
         let Negotiation { stream, mode, .. } = negotiation;
-        if let Err(e) = stream.set_read_timeout(None) {
+        if let Err(e) = stream.set_timeout(None) {
             warn!("NBD client {id}: cannot clear the handshake timeout: {e}");
             return;
         }
@@ -420,33 +440,146 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
     io::Error::new(ErrorKind::InvalidData, msg.into())
 }
 
+/// An export name as QEMU quotes it in a reply: at most 80 bytes, then `...`.
+fn sanitized(name: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(&name[..name.len().min(80)]).into_owned();
+    if name.len() < 80 {
+        shown
+    } else {
+        shown + "..."
+    }
+}
+
+/// Reads an option's payload the way QEMU does, so that a malformed one gets QEMU's
+/// NBD_REP_ERR_INVALID text.
+struct OptionReader<'a> {
+    option: u32,
+    cursor: Cursor<'a>,
+}
+
+impl<'a> OptionReader<'a> {
+    fn new(option: u32, payload: &'a [u8]) -> Self {
+        Self {
+            option,
+            cursor: Cursor::new(payload),
+        }
+    }
+
+    fn inconsistent(&self) -> String {
+        format!(
+            "Inconsistent lengths in option {}",
+            proto::option_name(self.option)
+        )
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        self.cursor.u16().ok_or_else(|| self.inconsistent())
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        self.cursor.u32().ok_or_else(|| self.inconsistent())
+    }
+
+    /// `len` bytes of text, which may not hold a NUL.
+    fn text(&mut self, len: usize) -> Result<&'a [u8], String> {
+        let text = self.cursor.bytes(len).ok_or_else(|| self.inconsistent())?;
+        if text.contains(&0) {
+            return Err(format!(
+                "Unexpected embedded NUL in option {}",
+                proto::option_name(self.option)
+            ));
+        }
+        Ok(text)
+    }
+
+    /// An export name: a 32-bit length (at most 4096) and the bytes.
+    fn name(&mut self) -> Result<&'a [u8], String> {
+        let len = self.u32()?;
+        if len as usize > proto::MAX_STRING {
+            return Err(format!("Invalid name length: {len}"));
+        }
+        self.text(len as usize)
+    }
+
+    /// A metadata context query; `None` for one longer than 4096 bytes, which cannot
+    /// match and is skipped.
+    fn query(&mut self) -> Result<Option<&'a [u8]>, String> {
+        let len = self.u32()? as usize;
+        if len > proto::MAX_STRING {
+            self.cursor.bytes(len).ok_or_else(|| self.inconsistent())?;
+            return Ok(None);
+        }
+        self.text(len).map(Some)
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        if self.cursor.remaining().is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "option '{}' has unexpected length",
+                proto::option_name(self.option)
+            ))
+        }
+    }
+}
+
+fn handshake_timed_out() -> io::Error {
+    io::Error::new(ErrorKind::TimedOut, "handshake timed out")
+}
+
+/// Carry on after an interrupted read or write; a timeout is the handshake deadline.
+fn timed_out_or(e: io::Error) -> io::Result<()> {
+    match e.kind() {
+        ErrorKind::Interrupted => Ok(()),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => Err(handshake_timed_out()),
+        _ => Err(e),
+    }
+}
+
 impl Negotiation<'_> {
+    /// Apply what is left of the handshake time to the next read or write on the stream.
+    fn arm_deadline(&mut self) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(handshake_timed_out());
+        }
+        self.stream.set_timeout(Some(left))
+    }
+
     fn read_full(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            if let Some(deadline) = self.deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(ErrorKind::TimedOut, "handshake timed out"));
-                }
-                self.stream.set_read_timeout(Some(left))?;
-            }
+            self.arm_deadline()?;
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
                 Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(io::Error::new(ErrorKind::TimedOut, "handshake timed out"))
-                }
-                Err(e) => return Err(e),
+                Err(e) => timed_out_or(e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Like `write_all`, within the handshake deadline: a client that sends options and
+    /// never reads the replies is dropped once the socket buffer is full and time is up.
+    fn write_full(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            self.arm_deadline()?;
+            match self.stream.write(&buf[done..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) => timed_out_or(e)?,
             }
         }
         Ok(())
     }
 
     fn reply(&mut self, option: u32, reply_type: u32, payload: &[u8]) -> io::Result<()> {
-        self.stream
-            .write_all(&proto::option_reply(option, reply_type, payload))
+        self.write_full(&proto::option_reply(option, reply_type, payload))
     }
 
     fn reply_err(&mut self, option: u32, reply_type: u32, message: &str) -> io::Result<()> {
@@ -474,7 +607,7 @@ impl Negotiation<'_> {
     }
 
     fn run(&mut self) -> io::Result<Outcome> {
-        self.stream.write_all(&proto::greeting())?;
+        self.write_full(&proto::greeting())?;
         let mut flags = [0u8; 4];
         self.read_full(&mut flags)?;
         let flags = u32::from_be_bytes(flags);
@@ -609,7 +742,12 @@ impl Negotiation<'_> {
     fn starttls(&mut self, payload: &[u8]) -> io::Result<()> {
         let option = proto::OPT_STARTTLS;
         if !payload.is_empty() {
-            return Err(protocol_error("STARTTLS with a payload"));
+            self.unexpected_length(option)?;
+            // Before TLS a client that cannot start it correctly is not worth keeping (QEMU).
+            if self.server.config.tls.is_some() && !self.tls_done {
+                return Err(protocol_error("option 'starttls' has unexpected length"));
+            }
+            return Ok(());
         }
         let Some(tls) = self.server.config.tls.clone() else {
             return self.reply_err(option, proto::REP_ERR_POLICY, "TLS not configured");
@@ -619,11 +757,7 @@ impl Negotiation<'_> {
         }
         self.reply(option, proto::REP_ACK, &[])?;
         // The TLS handshake is bounded by the remaining handshake time too.
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            self.stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        }
+        self.arm_deadline()?;
         let plain = self.stream.try_clone()?;
         self.stream = tls.upgrade(plain)?;
         // Everything negotiated in the clear is void after STARTTLS.
@@ -661,7 +795,7 @@ impl Negotiation<'_> {
         if !self.server.attach(self.id, &export) {
             return Err(protocol_error(format!("export '{name}' was removed")));
         }
-        self.stream.write_all(&b)?;
+        self.write_full(&b)?;
         let contexts = self.selected_contexts(name);
         Ok(Some((export, contexts)))
     }
@@ -680,27 +814,24 @@ impl Negotiation<'_> {
     }
 
     fn info_go(&mut self, option: u32, payload: &[u8]) -> io::Result<Option<Outcome>> {
-        let mut c = Cursor::new(payload);
-        let parsed = (|| {
-            let name_len = c.u32()? as usize;
-            let name = c.bytes(name_len)?;
-            let count = c.u16()? as usize;
-            let mut requests = Vec::with_capacity(count);
-            for _ in 0..count {
-                requests.push(c.u16()?);
-            }
-            c.remaining().is_empty().then_some((name, requests))
+        let mut r = OptionReader::new(option, payload);
+        let parsed = (|| -> Result<_, String> {
+            let name = r.name()?;
+            let count = r.u16()?;
+            let requests = (0..count).map(|_| r.u16()).collect::<Result<Vec<_>, _>>()?;
+            r.finish()?;
+            Ok((name, requests))
         })();
-        let Some((name, requests)) = parsed else {
-            self.unexpected_length(option)?;
-            return Ok(None);
+        let (name, requests) = match parsed {
+            Ok(parsed) => parsed,
+            Err(msg) => {
+                self.reply_err(option, proto::REP_ERR_INVALID, &msg)?;
+                return Ok(None);
+            }
         };
         let Ok(name) = std::str::from_utf8(name) else {
-            self.reply_err(
-                option,
-                proto::REP_ERR_INVALID,
-                "export name is not valid UTF-8",
-            )?;
+            let msg = format!("export '{}' not present", sanitized(name));
+            self.reply_err(option, proto::REP_ERR_UNKNOWN, &msg)?;
             return Ok(None);
         };
         let Some(export) = self.find_export(name) else {
@@ -713,12 +844,11 @@ impl Negotiation<'_> {
             b.extend_from_slice(export.config.name.as_bytes());
             self.reply(option, proto::REP_INFO, &b)?;
         }
+        // Sent whenever there is one, asked for or not, as QEMU does.
         if let Some(desc) = &export.config.description {
-            if requests.contains(&proto::INFO_DESCRIPTION) {
-                let mut b = proto::INFO_DESCRIPTION.to_be_bytes().to_vec();
-                b.extend_from_slice(desc.as_bytes());
-                self.reply(option, proto::REP_INFO, &b)?;
-            }
+            let mut b = proto::INFO_DESCRIPTION.to_be_bytes().to_vec();
+            b.extend_from_slice(desc.as_bytes());
+            self.reply(option, proto::REP_INFO, &b)?;
         }
         let sizes = proto::info_block_size(
             proto::MIN_BLOCK_SIZE,
@@ -756,43 +886,46 @@ impl Negotiation<'_> {
                 return self.reply_err(option, proto::REP_ERR_INVALID, msg);
             }
         }
-        let mut c = Cursor::new(payload);
-        let parsed = (|| {
-            let name_len = c.u32()? as usize;
-            let name = c.bytes(name_len)?;
-            let count = c.u32()?;
+        // As QEMU reads it: the export is looked up before the queries are.
+        let mut r = OptionReader::new(option, payload);
+        let name = match r.name() {
+            Ok(name) => name,
+            Err(msg) => return self.reply_err(option, proto::REP_ERR_INVALID, &msg),
+        };
+        let export = std::str::from_utf8(name)
+            .ok()
+            .and_then(|name| self.find_export(name));
+        let Some(export) = export else {
+            let msg = format!("export '{}' not present", sanitized(name));
+            return self.reply_err(option, proto::REP_ERR_UNKNOWN, &msg);
+        };
+        let name = export.config.name.clone();
+        let parsed = (|| -> Result<_, String> {
+            let count = r.u32()?;
             let mut queries = Vec::new();
             for _ in 0..count {
-                let len = c.u32()? as usize;
-                queries.push(c.bytes(len)?);
+                queries.extend(r.query()?);
             }
-            c.remaining().is_empty().then_some((name, queries))
+            r.finish()?;
+            Ok((queries, count == 0))
         })();
-        let Some((name, queries)) = parsed else {
-            return self.unexpected_length(option);
-        };
-        let Ok(name) = std::str::from_utf8(name) else {
-            return self.reply_err(
-                option,
-                proto::REP_ERR_INVALID,
-                "export name is not valid UTF-8",
-            );
-        };
-        let Some(export) = self.find_export(name) else {
-            let msg = format!("export '{name}' not present");
-            return self.reply_err(option, proto::REP_ERR_UNKNOWN, &msg);
+        let (queries, no_queries) = match parsed {
+            Ok(parsed) => parsed,
+            Err(msg) => return self.reply_err(option, proto::REP_ERR_INVALID, &msg),
         };
         let mut selected = Vec::new();
         for index in 0..export.context_count() {
-            let Some(context) = export.context_name(index) else {
+            let (Some(context), Some(context_id)) =
+                (export.context_name(index), export.context_id(index))
+            else {
                 continue;
             };
             let matches = |q: &&[u8]| {
                 q == &context.as_bytes()
                     || (!set && q.ends_with(b":") && context.as_bytes().starts_with(q))
             };
-            if (!set && queries.is_empty()) || queries.iter().any(matches) {
-                let id = if set { index as u32 } else { 0 };
+            if (!set && no_queries) || queries.iter().any(matches) {
+                let id = if set { context_id } else { 0 };
                 let mut b = id.to_be_bytes().to_vec();
                 b.extend_from_slice(context.as_bytes());
                 self.reply(option, proto::REP_META_CONTEXT, &b)?;
@@ -801,7 +934,7 @@ impl Negotiation<'_> {
         }
         self.reply(option, proto::REP_ACK, &[])?;
         if set {
-            self.meta = Some((name.to_string(), selected));
+            self.meta = Some((name, selected));
         }
         Ok(())
     }

@@ -581,12 +581,9 @@ impl Session {
         if !got {
             return Ok(None);
         }
-        let header = self.decode_header(b).ok_or_else(|| {
-            invalid(format!(
-                "invalid magic (got {:#x})",
-                u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-            ))
-        })?;
+        let Some(header) = self.decode_header(b) else {
+            return Err(self.refuse_bad_magic(b));
+        };
         if header.command == proto::CMD_DISC {
             debug!("NBD client {}: disconnect requested", self.id);
             return Ok(None);
@@ -626,6 +623,31 @@ impl Session {
             reader.read_exact(&mut payload)?;
         }
         Ok(Some(Incoming::Whole(Request { header, payload })))
+    }
+
+    /// Answer a request header with the wrong magic as QEMU does, with EINVAL under the
+    /// cookie its bytes carry (the client may be waiting on it); the connection is lost.
+    fn refuse_bad_magic(&self, b: &[u8]) -> io::Error {
+        let be_u32 = |at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let be_u64 = |at: usize| (u64::from(be_u32(at)) << 32) | u64::from(be_u32(at + 4));
+        let expected = if self.extended() {
+            proto::EXTENDED_REQUEST_MAGIC
+        } else {
+            proto::REQUEST_MAGIC
+        };
+        let msg = format!(
+            "invalid magic (got {:#x}, expected {expected:#x})",
+            be_u32(0)
+        );
+        let h = RequestHeader {
+            flags: 0,
+            command: proto::CMD_READ,
+            cookie: be_u64(8),
+            offset: be_u64(16),
+            length: 0,
+        };
+        self.send_error(Sink::Socket, &h, proto::EINVAL, &msg);
+        invalid(msg)
     }
 
     /// Bytes in this connection's request headers.
@@ -757,7 +779,13 @@ impl Session {
             payload,
         } = request;
         let mut contexts = None;
-        if h.command == proto::CMD_BLOCK_STATUS && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
+        let with_payload = self.extended() && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
+        if with_payload && !matches!(h.command, proto::CMD_WRITE | proto::CMD_BLOCK_STATUS) {
+            // The payload was read and is ignored: the flag alone fails the request, whatever
+            // the length said (QEMU).
+            h.length = 0;
+        }
+        if h.command == proto::CMD_BLOCK_STATUS && with_payload {
             match self.status_payload(&payload) {
                 Ok((effect_length, subset)) => {
                     h.length = effect_length;
@@ -819,56 +847,55 @@ impl Session {
         }
     }
 
-    /// Decode a BLOCK_STATUS payload (extended headers): effect length, then the ids of the
-    /// selected contexts wanted in the reply.
+    /// Decode a BLOCK_STATUS payload (extended headers): effect length, then the selected
+    /// contexts (by wire id) wanted in the reply. Each must be selected and named once
+    /// (as QEMU checks); the error is logged here and answered with QEMU's one text.
     fn status_payload(&self, payload: &[u8]) -> Result<(u64, Vec<usize>), String> {
-        let mut c = proto::Cursor::new(payload);
-        let effect_length = c.u64().ok_or("block status payload too short")?;
-        let mut wanted = Vec::new();
-        while let Some(id) = c.u32() {
-            let id = id as usize;
-            if !self.contexts.contains(&id) {
-                return Err(format!("block status payload names unknown context {id}"));
+        let decoded = (|| {
+            let mut c = proto::Cursor::new(payload);
+            let effect_length = c
+                .u64()
+                .ok_or_else(|| "shorter than its effect length".to_string())?;
+            let mut wanted = Vec::new();
+            while let Some(id) = c.u32() {
+                let index = self
+                    .contexts
+                    .iter()
+                    .copied()
+                    .find(|&i| self.export.context_id(i) == Some(id))
+                    .ok_or_else(|| format!("context id {id} is not selected"))?;
+                if wanted.contains(&index) {
+                    return Err(format!("context id {id} is named twice"));
+                }
+                wanted.push(index);
             }
-            if !wanted.contains(&id) {
-                wanted.push(id);
+            if !c.remaining().is_empty() || wanted.is_empty() {
+                return Err(format!("{} bytes is not a valid length", payload.len()));
             }
-        }
-        if !c.remaining().is_empty() || wanted.is_empty() {
-            return Err("block status payload has an invalid length".to_string());
-        }
-        Ok((effect_length, wanted))
+            // Replies go in the selection's order, whatever the payload's.
+            wanted.sort_unstable();
+            Ok((effect_length, wanted))
+        })();
+        decoded.map_err(|why: String| {
+            debug!("NBD client {}: block status payload: {why}", self.id);
+            "CMD_BLOCK_STATUS payload not valid".to_string()
+        })
     }
 
+    /// Check a request in QEMU's order, so that a request with several faults gets QEMU's
+    /// answer: length limit, read-only, bounds, flags, then what each command needs. The
+    /// errnos are the spec's (EPERM read-only, ENOSPC writing past the end), where QEMU
+    /// sends EINVAL for every refusal.
     fn validate(&self, h: &RequestHeader) -> Result<(), CommandError> {
         let name = proto::command_name(h.command);
-        let mut allowed = proto::CMD_FLAG_FUA;
-        match h.command {
-            proto::CMD_READ if self.mode != Mode::Simple => allowed |= proto::CMD_FLAG_DF,
-            proto::CMD_WRITE if self.extended() => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
-            proto::CMD_WRITE_ZEROES => {
-                allowed |= proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
+        let (writes, limited) = match h.command {
+            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => {
+                (true, h.command == proto::CMD_WRITE)
             }
-            proto::CMD_BLOCK_STATUS => allowed |= proto::CMD_FLAG_REQ_ONE,
-            proto::CMD_READ
-            | proto::CMD_WRITE
-            | proto::CMD_FLUSH
-            | proto::CMD_TRIM
-            | proto::CMD_CACHE => {}
-            other => {
-                return Err((
-                    proto::EINVAL,
-                    format!("invalid request type ({other}) received"),
-                ))
-            }
-        }
-        if h.flags & !allowed != 0 {
-            return Err((
-                proto::EINVAL,
-                format!("unsupported flags for command {name} (got {:#x})", h.flags),
-            ));
-        }
-        if h.command == proto::CMD_READ && h.length > u64::from(proto::MAX_PAYLOAD) {
+            proto::CMD_READ | proto::CMD_CACHE => (false, true),
+            _ => (false, false),
+        };
+        if limited && h.length > u64::from(proto::MAX_PAYLOAD) {
             return Err((
                 proto::EINVAL,
                 format!(
@@ -878,16 +905,10 @@ impl Session {
                 ),
             ));
         }
-        let writes = matches!(
-            h.command,
-            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
-        );
         if writes && self.export.config.read_only {
             return Err((proto::EPERM, "Export is read-only".to_string()));
         }
-        if h.command != proto::CMD_FLUSH
-            && (h.offset > self.size || h.length > self.size - h.offset)
-        {
+        if h.offset > self.size || h.length > self.size - h.offset {
             let errno = if matches!(h.command, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
                 proto::ENOSPC
             } else {
@@ -901,15 +922,41 @@ impl Session {
                 ),
             ));
         }
-        if h.command == proto::CMD_BLOCK_STATUS {
-            if self.contexts.is_empty() {
-                return Err((proto::EINVAL, "CMD_BLOCK_STATUS not negotiated".to_string()));
+        let mut allowed = proto::CMD_FLAG_FUA;
+        match h.command {
+            proto::CMD_READ if self.mode != Mode::Simple => allowed |= proto::CMD_FLAG_DF,
+            proto::CMD_WRITE if self.extended() => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
+            proto::CMD_WRITE_ZEROES => {
+                allowed |= proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
             }
-            if h.length == 0 {
-                return Err((proto::EINVAL, "need non-zero length".to_string()));
-            }
+            proto::CMD_BLOCK_STATUS => allowed |= proto::CMD_FLAG_REQ_ONE,
+            _ => {}
         }
-        Ok(())
+        if h.flags & !allowed != 0 {
+            return Err((
+                proto::EINVAL,
+                format!("unsupported flags for command {name} (got {:#x})", h.flags),
+            ));
+        }
+        match h.command {
+            proto::CMD_BLOCK_STATUS if h.length == 0 => {
+                Err((proto::EINVAL, "need non-zero length".to_string()))
+            }
+            proto::CMD_BLOCK_STATUS if self.contexts.is_empty() => {
+                Err((proto::EINVAL, "CMD_BLOCK_STATUS not negotiated".to_string()))
+            }
+            proto::CMD_READ
+            | proto::CMD_WRITE
+            | proto::CMD_FLUSH
+            | proto::CMD_TRIM
+            | proto::CMD_CACHE
+            | proto::CMD_WRITE_ZEROES
+            | proto::CMD_BLOCK_STATUS => Ok(()),
+            other => Err((
+                proto::EINVAL,
+                format!("invalid request type ({other}) received"),
+            )),
+        }
     }
 
     fn execute(&self, h: &RequestHeader, payload: &[u8]) -> io::Result<()> {
@@ -1333,7 +1380,8 @@ impl Session {
                     return busy;
                 }
             };
-            let payload = proto::block_status_payload(self.extended(), index as u32, &extents);
+            let id = self.export.context_id(index).unwrap_or_default();
+            let payload = proto::block_status_payload(self.extended(), id, &extents);
             let flags = if i + 1 == contexts.len() {
                 proto::REPLY_FLAG_DONE
             } else {
@@ -1454,8 +1502,9 @@ mod tests {
             self.inner.shutdown(std::net::Shutdown::Both)
         }
 
-        fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-            self.inner.set_read_timeout(timeout)
+        fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+            self.inner.set_read_timeout(timeout)?;
+            self.inner.set_write_timeout(timeout)
         }
 
         fn plain_socket(&self) -> Option<BorrowedFd<'_>> {

@@ -17,11 +17,27 @@ pub enum MetaContext {
 }
 
 impl MetaContext {
-    pub fn nbd_name(&self) -> String {
+    fn nbd_name(&self) -> String {
         match self {
             MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
             MetaContext::DirtyBitmap(name) => format!("qemu:dirty-bitmap:{name}"),
         }
+    }
+
+    /// `contexts` as the NBD server offers them, with QEMU's fixed ids: 1 for
+    /// `qemu:allocation-depth` (kept even when it is not offered) and 2 on for the bitmaps.
+    pub fn nbd_configs(contexts: &[MetaContext]) -> Vec<nbd::MetaContextConfig> {
+        let mut bitmap_ids = 2..;
+        contexts
+            .iter()
+            .map(|c| nbd::MetaContextConfig {
+                id: match c {
+                    MetaContext::AllocationDepth => 1,
+                    MetaContext::DirtyBitmap(_) => bitmap_ids.next().unwrap_or(u32::MAX),
+                },
+                name: c.nbd_name(),
+            })
+            .collect()
     }
 }
 

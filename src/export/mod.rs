@@ -189,7 +189,7 @@ impl Daemon {
             description,
             read_only: !writable,
             multi_conn: nbd.multi_conn(),
-            meta_contexts: contexts.iter().map(MetaContext::nbd_name).collect(),
+            meta_contexts: MetaContext::nbd_configs(&contexts),
             // Connections serving an export that names an iothread run on
             // that iothread's CPUs, as its vhost-user-blk workers do, and
             // poll as it says. Without one they never poll, as exports in

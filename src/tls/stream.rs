@@ -202,8 +202,8 @@ impl nbd::Stream for TlsStream {
         lock(&self.0.control).shutdown()
     }
 
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        lock(&self.0.control).set_read_timeout(timeout)
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        lock(&self.0.control).set_timeout(timeout)
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use nbd::test_utils::MemBackend;
-use nbd::{ExportConfig, Server, ServerConfig, Stream};
+use nbd::{ExportConfig, MetaContextConfig, Server, ServerConfig, Stream};
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -44,7 +44,13 @@ impl Fixture {
             description: Some(format!("test export {name}")),
             read_only,
             multi_conn: true,
-            meta_contexts: contexts.iter().map(|c| c.to_string()).collect(),
+            meta_contexts: (1..)
+                .zip(contexts)
+                .map(|(id, c)| MetaContextConfig {
+                    id,
+                    name: c.to_string(),
+                })
+                .collect(),
             on_serve: None,
             poll_max: std::time::Duration::ZERO,
         };
