@@ -102,74 +102,53 @@ fn option_transcript(d: &Daemon) -> Vec<String> {
         let replies = h.option(option, payload).expect(what);
         out.push(format!("{what}: {}", show_replies(&replies)));
     };
-    // The description comes unasked.
-    ask(
-        &mut h,
-        "info, no requests",
-        proto::OPT_INFO,
-        &info_payload(b"disk", &[]),
-    );
-    let long = vec![b'x'; 5000];
-    ask(
-        &mut h,
-        "info, 5000-byte name",
-        proto::OPT_INFO,
-        &info_payload(&long, &[]),
-    );
-    ask(
-        &mut h,
-        "info, NUL in name",
-        proto::OPT_INFO,
-        &info_payload(b"di\0sk", &[]),
-    );
-    ask(
-        &mut h,
-        "go, name not UTF-8",
-        proto::OPT_GO,
-        &info_payload(&[0xff, 0xfe], &[]),
-    );
     let mut trailing = info_payload(b"disk", &[]);
     trailing.push(0);
-    ask(&mut h, "info, trailing byte", proto::OPT_INFO, &trailing);
-    let truncated = info_payload(b"disk", &[proto::INFO_NAME]);
-    ask(
-        &mut h,
-        "info, truncated",
-        proto::OPT_INFO,
-        &truncated[..truncated.len() - 1],
-    );
-    ask(&mut h, "starttls with payload", proto::OPT_STARTTLS, b"x");
-    ask(
-        &mut h,
-        "list contexts, NUL in query",
-        proto::OPT_LIST_META_CONTEXT,
-        &meta_payload(b"bk", &[b"base:\0x"]),
-    );
-    ask(
-        &mut h,
-        "list contexts, all",
-        proto::OPT_LIST_META_CONTEXT,
-        &meta_payload(b"bk", &[]),
-    );
-    ask(
-        &mut h,
-        "list contexts, namespaces",
-        proto::OPT_LIST_META_CONTEXT,
-        &meta_payload(b"bk", &[b"qemu:", b"base:"]),
-    );
-    let huge_query = vec![b'q'; 5000];
-    ask(
-        &mut h,
-        "list contexts, 5000-byte query",
-        proto::OPT_LIST_META_CONTEXT,
-        &meta_payload(b"bk", &[&huge_query, b"base:allocation"]),
-    );
-    ask(
-        &mut h,
-        "list contexts, unknown export",
-        proto::OPT_LIST_META_CONTEXT,
-        &meta_payload(b"nosuch", &[b"base:allocation"]),
-    );
+    let mut truncated = info_payload(b"disk", &[proto::INFO_NAME]);
+    truncated.pop();
+    let (info, list) = (proto::OPT_INFO, proto::OPT_LIST_META_CONTEXT);
+    let steps = [
+        // The description comes unasked.
+        ("info, no requests", info, info_payload(b"disk", &[])),
+        (
+            "info, 5000-byte name",
+            info,
+            info_payload(&[b'x'; 5000], &[]),
+        ),
+        ("info, NUL in name", info, info_payload(b"di\0sk", &[])),
+        (
+            "go, name not UTF-8",
+            proto::OPT_GO,
+            info_payload(&[0xff, 0xfe], &[]),
+        ),
+        ("info, trailing byte", info, trailing),
+        ("info, truncated", info, truncated),
+        ("starttls with payload", proto::OPT_STARTTLS, b"x".to_vec()),
+        (
+            "list contexts, NUL in query",
+            list,
+            meta_payload(b"bk", &[b"base:\0x"]),
+        ),
+        ("list contexts, all", list, meta_payload(b"bk", &[])),
+        (
+            "list contexts, namespaces",
+            list,
+            meta_payload(b"bk", &[b"qemu:", b"base:"]),
+        ),
+        (
+            "list contexts, 5000-byte query",
+            list,
+            meta_payload(b"bk", &[&[b'q'; 5000], b"base:allocation"]),
+        ),
+        (
+            "list contexts, unknown export",
+            list,
+            meta_payload(b"nosuch", &[b"base:allocation"]),
+        ),
+    ];
+    for (what, option, payload) in &steps {
+        ask(&mut h, what, *option, payload);
+    }
     h.structured_replies().unwrap();
     // Ids are QEMU's fixed ones: a bitmap is 2 even without allocation depth.
     ask(
@@ -230,137 +209,90 @@ fn bad_header(magic: u32, cookie: u64, size: usize) -> Vec<u8> {
     b
 }
 
+/// One request of a transcript: what it tests, flags, command, offset, length, payload.
+type Step = (&'static str, u16, u16, u64, u64, &'static [u8]);
+
+fn run_steps(c: &mut Client, prefix: &str, steps: &[Step], out: &mut Vec<String>) {
+    for &(what, flags, command, offset, len, payload) in steps {
+        let got = request(c, flags, command, offset, len, payload);
+        out.push(format!("{prefix}{what}: {got}"));
+    }
+}
+
 fn request_transcript(d: &Daemon) -> Vec<String> {
+    const SIZE: u64 = 4 * MIB;
     let mut out = Vec::new();
-    let size = 4 * MIB;
     let mut c = Client::connect(connect(d), "disk", false, &["base:allocation"]).unwrap();
-    let mut ask = |c: &mut Client, what: &str, flags, cmd, offset, len, pay: &[u8]| {
-        let got = request(c, flags, cmd, offset, len, pay);
-        out.push(format!("{what}: {got}"));
-    };
-    ask(&mut c, "flush past EOF", 0, proto::CMD_FLUSH, size, 1, &[]);
-    ask(
-        &mut c,
-        "cache too long",
-        0,
-        proto::CMD_CACHE,
-        0,
-        64 * MIB,
-        &[],
-    );
-    ask(
-        &mut c,
-        "read too long",
-        0,
-        proto::CMD_READ,
-        0,
-        64 * MIB,
-        &[],
-    );
-    ask(&mut c, "unknown command", 0, 99, 0, 0, &[]);
-    ask(&mut c, "unknown command past EOF", 0, 99, size + 1, 0, &[]);
-    ask(&mut c, "unknown command, a flag", 4, 99, 0, 0, &[]);
-    ask(
-        &mut c,
-        "read, unknown flag",
-        0x8000,
-        proto::CMD_READ,
-        0,
-        8,
-        &[],
-    );
-    ask(
-        &mut c,
-        "read past EOF, unknown flag",
-        0x8000,
-        proto::CMD_READ,
-        size,
-        8,
-        &[],
-    );
-    ask(
-        &mut c,
-        "trim past EOF, unknown flag",
-        0x8000,
-        proto::CMD_TRIM,
-        size,
-        8,
-        &[],
-    );
-    ask(
-        &mut c,
-        "write past EOF",
-        0,
-        proto::CMD_WRITE,
-        size - 2,
-        4,
-        b"abcd",
-    );
-    ask(
-        &mut c,
-        "write zeroes past EOF",
-        0,
-        proto::CMD_WRITE_ZEROES,
-        size,
-        1,
-        &[],
-    );
-    ask(
-        &mut c,
-        "block status, no length",
-        0,
-        proto::CMD_BLOCK_STATUS,
-        0,
-        0,
-        &[],
-    );
-    ask(
-        &mut c,
-        "block status",
-        0,
-        proto::CMD_BLOCK_STATUS,
-        0,
-        MIB,
-        &[],
-    );
+    let steps: &[Step] = &[
+        ("flush past EOF", 0, proto::CMD_FLUSH, SIZE, 1, &[]),
+        ("cache too long", 0, proto::CMD_CACHE, 0, 64 * MIB, &[]),
+        ("read too long", 0, proto::CMD_READ, 0, 64 * MIB, &[]),
+        ("unknown command", 0, 99, 0, 0, &[]),
+        ("unknown command past EOF", 0, 99, SIZE + 1, 0, &[]),
+        ("unknown command, a flag", 4, 99, 0, 0, &[]),
+        ("read, unknown flag", 0x8000, proto::CMD_READ, 0, 8, &[]),
+        (
+            "read past EOF, unknown flag",
+            0x8000,
+            proto::CMD_READ,
+            SIZE,
+            8,
+            &[],
+        ),
+        (
+            "trim past EOF, unknown flag",
+            0x8000,
+            proto::CMD_TRIM,
+            SIZE,
+            8,
+            &[],
+        ),
+        ("write past EOF", 0, proto::CMD_WRITE, SIZE - 2, 4, b"abcd"),
+        (
+            "write zeroes past EOF",
+            0,
+            proto::CMD_WRITE_ZEROES,
+            SIZE,
+            1,
+            &[],
+        ),
+        (
+            "block status, no length",
+            0,
+            proto::CMD_BLOCK_STATUS,
+            0,
+            0,
+            &[],
+        ),
+        ("block status", 0, proto::CMD_BLOCK_STATUS, 0, MIB, &[]),
+    ];
+    run_steps(&mut c, "", steps, &mut out);
     out.push(format!(
         "bad magic: {}",
         after_bad_magic(&mut c, &bad_header(0xdead_beef, 77, 28))
     ));
-    // On a read-only export.
     let mut c = Client::connect(connect(d), "bk", false, &[]).unwrap();
-    let mut ask = |c: &mut Client, what: &str, flags, cmd, offset, len, pay: &[u8]| {
-        let got = request(c, flags, cmd, offset, len, pay);
-        out.push(format!("read-only {what}: {got}"));
-    };
-    ask(&mut c, "write", 0, proto::CMD_WRITE, 0, 4, b"abcd");
-    ask(
-        &mut c,
-        "write zeroes past EOF",
-        0,
-        proto::CMD_WRITE_ZEROES,
-        size,
-        1,
-        &[],
-    );
-    ask(
-        &mut c,
-        "trim, unknown flag",
-        0x8000,
-        proto::CMD_TRIM,
-        0,
-        8,
-        &[],
-    );
-    ask(
-        &mut c,
-        "block status not negotiated",
-        0,
-        proto::CMD_BLOCK_STATUS,
-        0,
-        8,
-        &[],
-    );
+    let steps: &[Step] = &[
+        ("write", 0, proto::CMD_WRITE, 0, 4, b"abcd"),
+        (
+            "write zeroes past EOF",
+            0,
+            proto::CMD_WRITE_ZEROES,
+            SIZE,
+            1,
+            &[],
+        ),
+        ("trim, unknown flag", 0x8000, proto::CMD_TRIM, 0, 8, &[]),
+        (
+            "block status not negotiated",
+            0,
+            proto::CMD_BLOCK_STATUS,
+            0,
+            8,
+            &[],
+        ),
+    ];
+    run_steps(&mut c, "read-only ", steps, &mut out);
     out
 }
 
