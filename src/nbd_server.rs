@@ -124,13 +124,23 @@ fn bind(addr: &Map<String, Value>) -> Result<Listener, String> {
         "inet" => {
             let host = get("host");
             let port = get("port");
-            let addrs: Vec<_> = (
-                host,
-                port.parse::<u16>()
-                    .map_err(|_| format!("Failed to parse port '{port}'"))?,
-            )
+            let resolve_failed =
+                |why: &str| format!("address resolution failed for {host}:{port}: {why}");
+            let port_number = match port.parse::<u32>() {
+                Ok(n) => u16::try_from(n).map_err(|_| format!("Failed to parse port '{port}'"))?,
+                // getaddrinfo's text, which QEMU passes on.
+                Err(_) => return Err(resolve_failed("Servname not supported for ai_socktype")),
+            };
+            let addrs: Vec<_> = (host, port_number)
                 .to_socket_addrs()
-                .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?
+                .map_err(|e| {
+                    // std prefixes getaddrinfo's own text, which is what QEMU shows.
+                    let text = e.to_string();
+                    let gai = text
+                        .strip_prefix("failed to lookup address information: ")
+                        .unwrap_or(&text);
+                    resolve_failed(gai)
+                })?
                 .collect();
             let mut last = None;
             for a in addrs {

@@ -208,6 +208,18 @@ fn iothreads_are_real_threads_and_in_use_ones_cannot_be_deleted() {
     assert!(std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists());
 }
 
+/// QSD wraps a port over 65535 round (70000 listens on 4464); blkd refuses it.
+#[test]
+fn out_of_range_port_is_refused() {
+    let d = Daemon::start(Impl::Blkd, &[]);
+    let (class, desc) = d.qmp().err(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "70000"}}}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(desc, "Failed to parse port '70000'");
+}
+
 #[test]
 fn export_argument_errors_match_qsd() {
     let (ours, theirs) = both(|d| {
@@ -238,6 +250,14 @@ fn export_argument_errors_match_qsd() {
             (
                 "nbd-server-start",
                 json!({"addr": {"type": "unix", "data": {"path": d.path("missing/nbd.sock")}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "no-such-service"}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "256.1.1.1", "port": "0"}}}),
             ),
             (
                 "nbd-server-start",
