@@ -383,6 +383,90 @@ fn block_export_del_modes_and_events() {
     let _ = client.wait();
 }
 
+/// What QMP sends when `block-export-del` hard drops a client, with the
+/// commands an orchestrator pipelines after it; the client has a read in
+/// flight on a slow node if `busy`.
+fn hard_delete_transcript(which: Impl, busy: bool) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let d = Daemon::start_in(
+        which,
+        dir,
+        &[
+            "--blockdev",
+            "null-co,node-name=n0,size=1048576,latency-ns=2000000000",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export",
+            "nbd,id=e0,node-name=n0",
+        ],
+    );
+    let mut qmp = d.qmp();
+    let script = format!(
+        "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n{}print('up',flush=True)\ntime.sleep(30)",
+        if busy { "h.aio_pread(nbd.Buffer(4096),0)\n" } else { "" }
+    );
+    let mut client = Command::new(PY)
+        .args(["-c", &script])
+        .arg(format!("nbd+unix:///n0?socket={}", sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    if busy {
+        // The read reaches the server; it then takes 2 s.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let del_node = r#"{"execute": "blockdev-del", "arguments": {"node-name": "n0"}}"#;
+    qmp.send_raw(
+        format!(
+            "{}\n{{\"execute\": \"query-block-exports\"}}\n{del_node}\n",
+            r#"{"execute": "block-export-del", "arguments": {"id": "e0", "mode": "hard"}}"#
+        )
+        .as_bytes(),
+    );
+    let mut transcript: Vec<Value> = (0..4).map(|_| qmp.read_value().unwrap()).collect();
+    qmp.send_raw(format!("{del_node}\n").as_bytes());
+    transcript.push(qmp.read_value().unwrap());
+    let _ = client.kill();
+    let _ = client.wait();
+    for v in &mut transcript {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("timestamp");
+        }
+    }
+    transcript
+}
+
+#[test]
+fn hard_delete_drains_as_qsd() {
+    if common::missing_tools(&["nbdsh"]) {
+        return;
+    }
+    let deleted = json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}});
+    let ok = json!({"return": {}});
+    // An idle client leaves at once: the export is gone, and its node free,
+    // before the next command.
+    let idle = hard_delete_transcript(Impl::Blkd, false);
+    assert_eq!(idle[..2], [ok.clone(), deleted.clone()], "{idle:?}");
+    assert_eq!(idle[2..4], [json!({"return": []}), ok.clone()], "{idle:?}");
+    assert_eq!(idle, hard_delete_transcript(Impl::Qsd, false));
+    // A read in flight keeps the export shutting down, and its node busy,
+    // until it is done.
+    let busy = hard_delete_transcript(Impl::Blkd, true);
+    let draining = json!([{"node-name": "n0", "shutting-down": true, "type": "nbd", "id": "e0"}]);
+    assert_eq!(busy[1], json!({"return": draining}), "{busy:?}");
+    assert_eq!(busy[2]["error"]["desc"], "Node n0 is in use", "{busy:?}");
+    assert_eq!(busy[3..], [deleted, ok], "{busy:?}");
+    assert_eq!(busy, hard_delete_transcript(Impl::Qsd, true));
+}
+
 #[test]
 fn null_co_reads_never_show_earlier_request_data() {
     // null-co without read-zeroes leaves read buffers alone; the NBD server

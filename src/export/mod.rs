@@ -4,7 +4,7 @@
 pub mod disk;
 pub mod vhost;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -39,6 +39,53 @@ impl Export {
             ExportKind::Nbd { .. } => "nbd",
             ExportKind::VhostUserBlk(_) => "vhost-user-blk",
         }
+    }
+}
+
+/// How long `block-export-del` waits for hard-dropped clients that have no
+/// request in flight, before it leaves the export shutting down.
+const IDLE_CLIENT_DRAIN: Duration = Duration::from_millis(200);
+
+/// The last client of a removed NBD export is gone: told to the waiting
+/// command, or, once it stopped waiting, to the main loop.
+#[derive(Default)]
+struct Drain {
+    state: Mutex<DrainState>,
+    done: Condvar,
+}
+
+#[derive(Default, PartialEq)]
+enum DrainState {
+    #[default]
+    Waiting,
+    Drained,
+    GaveUp,
+}
+
+impl Drain {
+    /// Whether the waiting command took the news.
+    fn signal(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == DrainState::GaveUp {
+            return false;
+        }
+        *state = DrainState::Drained;
+        self.done.notify_all();
+        true
+    }
+
+    /// Whether the clients were gone within `timeout`.
+    fn wait(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut state, _) = self
+            .done
+            .wait_timeout_while(state, timeout, |s| *s == DrainState::Waiting)
+            .unwrap_or_else(|e| e.into_inner());
+        if *state == DrainState::Drained {
+            return true;
+        }
+        *state = DrainState::GaveUp;
+        false
     }
 }
 
@@ -238,26 +285,33 @@ impl Daemon {
                 } else {
                     nbd::RemoveMode::Safe
                 };
-                let waker = self.waker.clone();
-                let drained_id = id.clone();
+                let drain = Arc::new(Drain::default());
+                let on_gone = {
+                    let drain = Arc::clone(&drain);
+                    let waker = self.waker.clone();
+                    let id = id.clone();
+                    Box::new(move || {
+                        if !drain.signal() {
+                            waker.send(MainMsg::ExportDrained(id));
+                        }
+                    })
+                };
                 server
-                    .remove_export(
-                        &name,
-                        mode,
-                        Box::new(move || waker.send(MainMsg::ExportDrained(drained_id))),
-                    )
+                    .remove_export(&name, mode, on_gone)
                     .map_err(|e| match e {
                         nbd::Error::ExportInUse(_) => format!("export '{id}' still in use"),
                         other => other.to_string(),
                     })?;
-                if connected {
-                    // Clients are being dropped: the export drains, and its
-                    // event follows the reply.
-                    if let Some(e) = self.exports.list.iter_mut().find(|e| e.id == id) {
-                        e.shutting_down = true;
-                    }
-                } else {
+                if !connected {
                     self.finish_export_removal(&id, false);
+                } else if drain.wait(IDLE_CLIENT_DRAIN) {
+                    // Idle clients leave at once, so as with QSD the export
+                    // is gone before the next command: a pipelined
+                    // blockdev-del of its node succeeds.
+                    self.finish_export_removal(&id, true);
+                } else if let Some(e) = self.exports.list.iter_mut().find(|e| e.id == id) {
+                    // Requests are still draining; the event follows later.
+                    e.shutting_down = true;
                 }
             }
             ExportKind::VhostUserBlk(_) => {
