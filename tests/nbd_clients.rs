@@ -51,6 +51,27 @@ fn uri(d: &Daemon) -> String {
     format!("nbd+unix:///disk?socket={}", d.path("nbd.sock").display())
 }
 
+/// A libnbd client connected to `uri`, that has run `then` (Python, with the
+/// handle as `h`) and stays connected for 30 s unless killed.
+fn connected_client(uri: &str, then: &str) -> std::process::Child {
+    let script = format!(
+        "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n{then}\nprint('up',flush=True)\ntime.sleep(30)"
+    );
+    let mut client = Command::new(PY)
+        .args(["-c", &script, uri])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    client
+}
+
 #[test]
 fn nbdinfo_json_list_and_map_match_qsd() {
     if common::missing_tools(&["nbdinfo"]) {
@@ -359,18 +380,7 @@ fn max_connections_makes_extra_clients_wait() {
 fn block_export_del_modes_and_events() {
     let d = start(Impl::Blkd, true, "");
     let mut qmp = d.qmp();
-    let mut client = std::process::Command::new(PY)
-        .args(["-c", "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('up',flush=True)\ntime.sleep(30)", &uri(&d)])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "up");
+    let mut client = connected_client(&uri(&d), "");
     let (_, e) = qmp.err("block-export-del", json!({"id": "e0"}));
     assert_eq!(e, "export 'e0' still in use");
     // Hard: reply first, then the event once the client is dropped.
@@ -402,23 +412,14 @@ fn hard_delete_transcript(which: Impl, busy: bool) -> Vec<Value> {
         ],
     );
     let mut qmp = d.qmp();
-    let script = format!(
-        "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n{}print('up',flush=True)\ntime.sleep(30)",
-        if busy { "h.aio_pread(nbd.Buffer(4096),0)\n" } else { "" }
+    let mut client = connected_client(
+        &format!("nbd+unix:///n0?socket={}", sock.display()),
+        if busy {
+            "h.aio_pread(nbd.Buffer(4096),0)"
+        } else {
+            ""
+        },
     );
-    let mut client = Command::new(PY)
-        .args(["-c", &script])
-        .arg(format!("nbd+unix:///n0?socket={}", sock.display()))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "up");
     if busy {
         // The read reaches the server; it then takes 2 s.
         std::thread::sleep(Duration::from_millis(300));
@@ -586,19 +587,10 @@ fn connections_of_an_iothread_export_follow_its_cpu_affinity() {
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "n0", "iothread": "nbdio"}),
     );
-    let mut client = std::process::Command::new(PY)
-        .args(["-c", "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pread(512, 0)\nprint('up',flush=True)\ntime.sleep(30)",
-               &format!("nbd+unix:///n0?socket={}", sock.display())])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "up");
+    let mut client = connected_client(
+        &format!("nbd+unix:///n0?socket={}", sock.display()),
+        "h.pread(512, 0)",
+    );
     let pid = d.child.id();
     let found: Vec<String> = common::threads(pid)
         .into_iter()
