@@ -184,9 +184,19 @@ fn incremental_backup_through_dirty_bitmap() {
         );
     }
     let rw = format!("nbd+unix:///rw?socket={}", nsock.display());
+    // Large enough (and without FUA: writeback) to be spliced into the file, a path that
+    // must mark the bitmap too.
     run_ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x99 6M 100k", &rw],
+        &[
+            "-t",
+            "writeback",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x99 6M 700k",
+            &rw,
+        ],
     );
     // Freeze the bitmap and export it read-only for the backup.
     qmp.ok(

@@ -123,7 +123,7 @@ pub trait ExportBackend: Send + Sync {
     /// Whether [`ExportBackend::splice_out`] works: the export's bytes are a plain file
     /// range in the page cache. Then large READ payloads go from the file to the socket
     /// without being copied through the server, and large WRITE payloads are written piece
-    /// by piece as they arrive.
+    /// by piece as they arrive (spliced too, unless [`ExportBackend::splice_in`] refuses).
     fn can_splice(&self) -> bool {
         false
     }
@@ -131,6 +131,14 @@ pub trait ExportBackend: Send + Sync {
     /// [`splice::file_to_pipe`]). On error the pipe is dropped and the request is served by
     /// [`ExportBackend::read_at`] instead.
     fn splice_out(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Write the `len` bytes waiting in `pipe` at `offset` (see [`splice::pipe_to_file`]),
+    /// as [`ExportBackend::write_at`] would write them. `ErrorKind::Unsupported` means that
+    /// nothing was taken from the pipe and the data must go through `write_at`: the backend
+    /// has to look at it (to detect zeroes, say). After any other error the pipe's content is
+    /// undefined.
+    fn splice_in(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Prefetch a range; the default does nothing, which is always correct.

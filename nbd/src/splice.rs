@@ -1,11 +1,9 @@
-//! Zero-copy READ payloads: large reads go file → pipe → socket with splice(2), so the server
-//! never copies the data through its own memory. Used when the backend can splice
-//! ([`crate::ExportBackend::can_splice`]) and the connection is a plain socket; a read that
-//! does not fit a pipe is copied as usual.
-//!
-//! WRITE payloads are copied on purpose: socket → pipe → file measured no cheaper than
-//! reading each piece into a warm buffer and writing it while the rest arrives (the
-//! page-cache copy dominates either way, and the pipe adds system calls).
+//! Payloads that bypass the server's memory, with splice(2). Large reads go file → pipe →
+//! socket, copied by no one but the client's kernel. Large writes go socket → pipe → file,
+//! copied once (into the page cache) instead of twice (into a buffer, then into the page
+//! cache). Used when the backend can splice ([`crate::ExportBackend::can_splice`]) and the
+//! connection is a plain socket; a read that does not fit a pipe is copied as usual, and so
+//! is a write the backend must look at ([`crate::ExportBackend::splice_in`]).
 
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -136,6 +134,77 @@ pub fn file_to_pipe(
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 return Err(io::Error::other("the pipe has no room left for the data"))
             }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Move the `len` bytes waiting in `pipe` into a file at `offset`. The pipe must hold them
+/// all: an empty pipe is an error, not a wait.
+pub fn pipe_to_file(
+    pipe: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match splice_once(
+            pipe,
+            None,
+            file,
+            Some(offset + done as u64),
+            len - done,
+            libc::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                return Err(io::Error::other(
+                    "the pipe holds less than the data to write",
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Move what a (blocking) socket has, at least one byte and at most `max`, into an empty
+/// `pipe`, waiting for it if need be; 0 at the end of the stream. Less may come than is
+/// queued: the pipe also runs out of slots, one per page or piece of a page.
+pub(crate) fn socket_to_pipe(
+    socket: BorrowedFd<'_>,
+    pipe: BorrowedFd<'_>,
+    max: usize,
+) -> io::Result<usize> {
+    loop {
+        match splice_once(socket, None, pipe, None, max, 0) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Read exactly `buf.len()` bytes waiting in `pipe` (an empty pipe is an error, not a wait).
+pub(crate) fn drain_pipe(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    check(unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } as isize)?;
+    if usize::try_from(queued).unwrap_or(0) < buf.len() {
+        return Err(io::Error::other("the pipe holds less than expected"));
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: reads into `rest`, which is valid for writes of its length.
+        let n = unsafe { libc::read(pipe.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        match check(n) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }

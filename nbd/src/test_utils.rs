@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -264,13 +264,16 @@ impl ExportBackend for MemBackend {
     }
 }
 
-/// A file as an export of a given size, with zero-copy reads (the file may be shorter than
-/// the export: reads past its end return zeroes and are not spliced). Counts the reads that
-/// took the splice path and records the size of every write.
+/// A file as an export of a given size, with zero-copy reads and writes (the file may be
+/// shorter than the export: reads past its end return zeroes and are not spliced). Counts
+/// the requests that took the splice path and records the size of every write (or spliced
+/// piece of one).
 pub struct FileBackend {
     file: File,
     size: u64,
     spliced_out: AtomicUsize,
+    spliced_in: AtomicUsize,
+    copy_writes: AtomicBool,
     write_sizes: Mutex<Vec<usize>>,
 }
 
@@ -280,6 +283,8 @@ impl FileBackend {
             file,
             size,
             spliced_out: AtomicUsize::new(0),
+            spliced_in: AtomicUsize::new(0),
+            copy_writes: AtomicBool::new(false),
             write_sizes: Mutex::new(Vec::new()),
         }
     }
@@ -292,6 +297,21 @@ impl FileBackend {
     /// READ payloads spliced from the file so far.
     pub fn spliced_out(&self) -> usize {
         self.spliced_out.load(Ordering::SeqCst)
+    }
+
+    /// WRITE pieces spliced into the file so far.
+    pub fn spliced_in(&self) -> usize {
+        self.spliced_in.load(Ordering::SeqCst)
+    }
+
+    /// Refuse spliced writes from now on, as a backend that looks at its data does.
+    pub fn refuse_splice_in(&self) {
+        self.copy_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// Take spliced writes again.
+    pub fn accept_splice_in(&self) {
+        self.copy_writes.store(false, Ordering::SeqCst);
     }
 }
 
@@ -345,6 +365,16 @@ impl ExportBackend for FileBackend {
     fn splice_out(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         splice::file_to_pipe(self.file.as_fd(), offset, pipe, len)?;
         self.spliced_out.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        if self.copy_writes.load(Ordering::SeqCst) {
+            return Err(ErrorKind::Unsupported.into());
+        }
+        splice::pipe_to_file(pipe, self.file.as_fd(), offset, len)?;
+        lock(&self.write_sizes).push(len);
+        self.spliced_in.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

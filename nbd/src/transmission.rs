@@ -124,6 +124,8 @@ struct Session {
     /// Whether large READ payloads are spliced (see [`crate::splice`]); cleared for good
     /// when a pipe cannot be made (the user's pipe quota is spent).
     splicing: AtomicBool,
+    /// Set once the backend refused a spliced WRITE piece: the rest are copied.
+    splice_in_refused: AtomicBool,
     pipes: Mutex<Vec<Pipe>>,
     /// A range recently reported as allocated data by `base:allocation`: reads inside it are
     /// answered with one data chunk without asking again. Only this connection's TRIM and
@@ -227,6 +229,7 @@ pub(crate) fn run(
         buffers: Mutex::new(Vec::new()),
         max_kept_buffers: max_in_flight + 2,
         splicing: AtomicBool::new(splicing),
+        splice_in_refused: AtomicBool::new(false),
         pipes: Mutex::new(Vec::new()),
         known_data: Mutex::new(0..0),
         slow_history: AtomicU64::new(0),
@@ -395,6 +398,30 @@ fn spawn_worker(
                 in_flight.finish_one();
             }
         })
+}
+
+/// The outcome of a WRITE written piece by piece: the first error stops the writing (the
+/// rest of the payload is still read), and the time spent in the backend.
+struct Written {
+    result: io::Result<()>,
+    busy: Duration,
+}
+
+impl Written {
+    fn write(&mut self, backend: &dyn crate::ExportBackend, piece: &[u8], offset: u64) {
+        if self.result.is_ok() {
+            let start = Instant::now();
+            self.result = backend.write_at(piece, offset, false);
+            self.busy += start.elapsed();
+        }
+    }
+}
+
+fn left_inside_write(done: usize, len: usize) -> io::Error {
+    io::Error::new(
+        ErrorKind::UnexpectedEof,
+        format!("the client left {done} bytes into a {len}-byte WRITE"),
+    )
 }
 
 /// Fills `buf` with what `reader` holds, then straight from the socket: the tail of a large
@@ -686,10 +713,13 @@ impl Session {
     /// backend at once, so the client refills the socket while the backend copies, and the
     /// piece is still in the CPU's cache when it is copied again. Measured against reading
     /// the whole payload first, this costs about a quarter less CPU time per MiB and moves
-    /// more MiB/s. The price: when the client vanishes halfway, what had arrived has landed
-    /// (a torn write, as on a disk losing power; the write was never acknowledged). A failed
-    /// piece does not stop the reading: the stream must stay in step, and the reply carries
-    /// the error. Returns how long the backend was busy.
+    /// more MiB/s. Where the backend takes them, the pieces are spliced from the socket into
+    /// the file, copied only by the kernel's page-cache write (measured over TCP at 1 MiB
+    /// QD8: 23-40% more MiB per CPU-second than copying). The price: when the
+    /// client vanishes halfway, what had arrived has landed (a torn write, as on a disk
+    /// losing power; the write was never acknowledged). A failed piece does not stop the
+    /// reading: the stream must stay in step, and the reply carries the error. Returns how
+    /// long the backend was busy.
     fn stream_write(
         &self,
         reader: &mut Reader,
@@ -698,48 +728,80 @@ impl Session {
     ) -> io::Result<Duration> {
         let len = h.length as usize;
         let mut buf = self.take_buffer(len.min(MAX_KEPT_BUFFER));
+        // Any pipe will do: each piece is at most what it holds.
+        let mut pipe = if self.splice_in_refused.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.take_pipe(0)
+        };
         let mut done = 0;
-        let mut result = Ok(());
-        let mut busy = Duration::ZERO;
+        let mut written = Written {
+            result: Ok(()),
+            busy: Duration::ZERO,
+        };
         while done < len {
-            let want = (len - done).min(buf.len());
-            let n = if reader.buffer().is_empty() {
-                let read = match reader.get_ref().stream.plain_socket() {
+            let offset = h.offset + done as u64;
+            let want = len - done;
+            let piece = want.min(buf.len());
+            let socket = reader.get_ref().stream.plain_socket();
+            let n = if !reader.buffer().is_empty() {
+                let n = take_held(reader, &mut buf[..piece]);
+                written.write(&*self.export.backend, &buf[..n], offset);
+                n
+            } else if let (Some(p), Some(socket), true) = (&pipe, socket, written.result.is_ok()) {
+                let n = splice::socket_to_pipe(socket, p.write_end(), want.min(p.capacity()))?;
+                if n == 0 {
+                    return Err(left_inside_write(done, len));
+                }
+                let start = Instant::now();
+                let spliced = self.export.backend.splice_in(p.read_end(), offset, n);
+                written.busy += start.elapsed();
+                match spliced {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Unsupported => {
+                        // The backend looks at what it writes: copy from now on.
+                        self.splice_in_refused.store(true, Ordering::Relaxed);
+                        splice::drain_pipe(p.read_end(), &mut buf[..n])?;
+                        written.write(&*self.export.backend, &buf[..n], offset);
+                        if let Some(p) = pipe.take() {
+                            self.give_pipe(p);
+                        }
+                    }
+                    Err(e) => {
+                        // What is left in the pipe is lost with it; the rest of the payload
+                        // is read and dropped.
+                        written.result = Err(e);
+                        pipe = None;
+                    }
+                }
+                n
+            } else {
+                let read = match socket {
                     Some(socket) if self.tcp => {
                         recv_some(socket, &mut buf[..want.min(TCP_PIECE)], libc::MSG_WAITALL)
                     }
-                    _ => reader.get_mut().read(&mut buf[..want]),
+                    _ => reader.get_mut().read(&mut buf[..piece]),
                 };
-                match read {
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            ErrorKind::UnexpectedEof,
-                            format!("the client left {done} bytes into a {len}-byte WRITE"),
-                        ))
-                    }
+                let n = match read {
+                    Ok(0) => return Err(left_inside_write(done, len)),
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
-                }
-            } else {
-                take_held(reader, &mut buf[..want])
+                };
+                written.write(&*self.export.backend, &buf[..n], offset);
+                n
             };
-            if result.is_ok() {
-                let start = Instant::now();
-                result = self
-                    .export
-                    .backend
-                    .write_at(&buf[..n], h.offset + done as u64, false);
-                busy += start.elapsed();
-            }
             done += n;
         }
         self.give_buffer(buf);
-        self.reply_to_command(sink, h, result);
-        Ok(busy)
+        if let Some(p) = pipe {
+            self.give_pipe(p);
+        }
+        self.reply_to_command(sink, h, written.result);
+        Ok(written.busy)
     }
 
-    /// A pipe with room for `len` bytes, if READ payloads are spliced on this connection.
+    /// A pipe with room for `len` bytes, if payloads are spliced on this connection.
     fn take_pipe(&self, len: usize) -> Option<Pipe> {
         if !self.splicing.load(Ordering::Relaxed) {
             return None;
@@ -762,9 +824,9 @@ impl Session {
         Some(pipe)
     }
 
-    /// Keep an empty pipe for later. Only two: spliced reads are served on the reader thread
-    /// one after another, and every pipe kept counts against the user's pipe quota, which
-    /// all connections share.
+    /// Keep an empty pipe for later. Only two: spliced reads and writes are served on the
+    /// reader thread one after another, and every pipe kept counts against the user's pipe
+    /// quota, which all connections share.
     fn give_pipe(&self, pipe: Pipe) {
         let mut pipes = lock(&self.pipes);
         if pipes.len() < 2 {

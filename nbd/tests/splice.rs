@@ -1,7 +1,7 @@
-//! Large READ payloads spliced from a file to the socket: the data is right in every reply
-//! mode, over unix and TCP sockets, mixed with small requests, and reads the file cannot
-//! splice are copied. WRITE payloads are copied: under 256 KiB they land whole or not at all,
-//! larger ones piece by piece as they arrive.
+//! Large READ payloads spliced from a file to the socket, large WRITE payloads from the
+//! socket to the file: the data is right in every reply mode, over unix and TCP sockets,
+//! mixed with small requests, and what the backend cannot splice is copied. WRITEs under
+//! 256 KiB land whole or not at all, larger ones piece by piece as they arrive.
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
@@ -117,6 +117,7 @@ fn every_reply_mode_over_unix_and_tcp() {
             }
         };
         let before = s.backend.spliced_out();
+        let before_in = s.backend.spliced_in();
         let mut simple = Handshake::start(stream()).unwrap().go("e").unwrap();
         assert!(!simple.structured());
         round_trips(&s, &mut simple, seed);
@@ -127,6 +128,11 @@ fn every_reply_mode_over_unix_and_tcp() {
         round_trips(&s, &mut extended, seed + 20);
         // Each of the 12 reads went through a pipe.
         assert_eq!(s.backend.spliced_out() - before, 12, "{transport} reads");
+        // And so did the 9 of 256 KiB or more, each in one piece or more.
+        assert!(
+            s.backend.spliced_in() - before_in >= 9,
+            "{transport} writes"
+        );
     }
 }
 
@@ -277,11 +283,12 @@ fn large_writes_land_while_their_payload_arrives() {
     }
 }
 
-/// Over TCP a streamed payload dribbling in goes to the file in whole 128 KiB pieces, not in
+/// Over TCP a copied payload dribbling in goes to the file in whole 128 KiB pieces, not in
 /// whatever each segment brought.
 #[test]
-fn streamed_tcp_writes_go_in_whole_pieces() {
+fn copied_tcp_writes_go_in_whole_pieces() {
     let s = setup(SIZE);
+    s.backend.refuse_splice_in();
     let mut c = Handshake::start(s.tcp()).unwrap().go("e").unwrap();
     let data = pattern(MIB as usize, 60);
     let h = proto::RequestHeader {
@@ -365,4 +372,90 @@ fn pipelined_streamed_writes_land_intact() {
         );
         round_trips(&s, &mut c, 77);
     }
+}
+
+/// Sends a WRITE of `data` at `offset` in 16 KiB pieces with pauses; returns the simple
+/// reply's error field.
+fn dribble_write(c: &mut Client, offset: u64, data: &[u8]) -> [u8; 4] {
+    let h = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_WRITE,
+        cookie: 9,
+        offset,
+        length: data.len() as u64,
+    };
+    let sock = c.stream_mut();
+    sock.write_all(&h.encode_compact()).unwrap();
+    sock.flush().unwrap();
+    // The header alone, as a rule: then no payload is read ahead with it.
+    std::thread::sleep(Duration::from_millis(20));
+    for piece in data.chunks(16 * 1024) {
+        sock.write_all(piece).unwrap();
+        sock.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut reply = [0u8; 16];
+    std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
+    assert_eq!(reply[8..], 9u64.to_be_bytes());
+    [reply[4], reply[5], reply[6], reply[7]]
+}
+
+/// A spliced payload goes to the file in what each splice brought, all of it, in order.
+#[test]
+fn spliced_writes_take_the_payload_as_it_comes() {
+    let s = setup(SIZE);
+    for (i, stream) in [s.unix(), s.tcp()].into_iter().enumerate() {
+        let mut c = Handshake::start(stream).unwrap().go("e").unwrap();
+        let data = pattern(MIB as usize, 70 + i as u8);
+        s.backend.take_write_sizes();
+        let before = s.backend.spliced_in();
+        assert_eq!(dribble_write(&mut c, MIB, &data), [0; 4], "no error");
+        let sizes = s.backend.take_write_sizes();
+        assert_eq!(sizes.iter().sum::<usize>(), data.len());
+        // Only what came with the header is copied.
+        assert!(s.backend.spliced_in() - before >= sizes.len() - 1);
+        assert!(sizes.len() >= 2, "the payload did not come all at once");
+        assert_eq!(s.file_bytes(MIB, data.len()), data);
+        round_trips(&s, &mut c, 80 + i as u8);
+    }
+}
+
+/// A backend that must see what it writes refuses the splice: that piece and the rest of
+/// the connection's writes are copied, and land all the same.
+#[test]
+fn writes_the_backend_refuses_to_splice_are_copied() {
+    let s = setup(SIZE);
+    for (i, stream) in [s.unix(), s.tcp()].into_iter().enumerate() {
+        let mut c = Client::connect(stream, "e", false, &[]).unwrap();
+        round_trips(&s, &mut c, 90 + i as u8);
+        let spliced = s.backend.spliced_in();
+        assert!(spliced > 0);
+        s.backend.refuse_splice_in();
+        round_trips(&s, &mut c, 100 + i as u8);
+        assert_eq!(s.backend.spliced_in(), spliced, "nothing more spliced");
+        s.backend.accept_splice_in();
+    }
+}
+
+/// A WRITE the file refuses (opened read-only) gets an error reply; the rest of its payload
+/// is read and dropped, so the connection stays in step.
+#[test]
+fn a_failing_spliced_write_keeps_the_connection_in_step() {
+    let s = setup(SIZE);
+    let read_only = File::open(s._dir.path().join("disk.img")).unwrap();
+    let backend = Arc::new(FileBackend::new(read_only, SIZE));
+    let config = ExportConfig {
+        name: "ro-file".into(),
+        ..ExportConfig::default()
+    };
+    s.server.add_export(config, backend.clone()).unwrap();
+    for stream in [s.unix(), s.tcp()] {
+        let mut c = Handshake::start(stream).unwrap().go("ro-file").unwrap();
+        let data = pattern(MIB as usize, 3);
+        let error = u32::from_be_bytes(dribble_write(&mut c, 0, &data));
+        // EBADF, which NBD has no code for.
+        assert_eq!(error, proto::EINVAL, "the file cannot be written");
+        assert_eq!(c.read(0, 4096, 0).unwrap(), pattern(4096, 1));
+    }
+    assert_eq!(s.file_bytes(0, MIB as usize), pattern(MIB as usize, 1));
 }

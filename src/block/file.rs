@@ -463,6 +463,10 @@ fn align_up(x: u64, align: u64) -> io::Result<u64> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+fn byte_len(bufs: &[IoSlice<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
 fn refuse_if_read_only(read_only: bool) -> io::Result<()> {
     if read_only {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -488,15 +492,9 @@ impl FileDriver {
 
     /// Keeps the length current after a write: a complete write reached its
     /// end; a failed one may have extended the file partway.
-    fn after_write(
-        &self,
-        offset: u64,
-        bufs: &[IoSlice<'_>],
-        result: io::Result<()>,
-    ) -> io::Result<()> {
+    fn after_write(&self, offset: u64, len: u64, result: io::Result<()>) -> io::Result<()> {
         match &result {
             Ok(()) => {
-                let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
                 self.file_len
                     .fetch_max(offset.saturating_add(len), Ordering::AcqRel);
             }
@@ -575,7 +573,7 @@ impl FileDriver {
         bufs: &[IoSlice<'_>],
     ) -> io::Result<()> {
         let align = direct.request_align;
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let len = byte_len(bufs);
         let start = align_down(offset, align);
         let end = align_up(offset + len, align)?;
         let mut bounce = AlignedBuf::zeroed((end - start) as usize, direct.mem_align)?;
@@ -732,6 +730,15 @@ impl BlockDriver for FileDriver {
         nbd::splice::file_to_pipe(self.fd.as_fd(), offset, pipe, len)
     }
 
+    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        if !self.can_splice() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        refuse_if_read_only(self.read_only)?;
+        let result = nbd::splice::pipe_to_file(pipe, self.fd.as_fd(), offset, len);
+        self.after_write(offset, len as u64, result)
+    }
+
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         if let Some(direct) = &self.direct {
             let iov = iovecs_mut(bufs);
@@ -762,10 +769,10 @@ impl BlockDriver for FileDriver {
             }
             let _shared = read_guard(&direct.rmw);
             let result = transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop);
-            return self.after_write(offset, bufs, result);
+            return self.after_write(offset, byte_len(bufs), result);
         }
         let result = transfer(self.raw_fd(), Direction::Write, iov, offset, false).map(drop);
-        self.after_write(offset, bufs, result)
+        self.after_write(offset, byte_len(bufs), result)
     }
 
     fn flush(&self) -> io::Result<()> {

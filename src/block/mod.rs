@@ -139,6 +139,12 @@ pub trait BlockDriver: Send + Sync {
     fn splice_read(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Writes the `len` bytes waiting in `pipe` (its read end) at `offset`, as
+    /// [`BlockDriver::write_vectored`] would, without copying them through user memory.
+    /// `Unsupported` leaves the pipe as it was.
+    fn splice_write(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Bytes the node takes on its storage (`actual-size`), if known.
     fn allocated_size(&self) -> Option<u64> {
         None

@@ -3,6 +3,7 @@
 //! (NBD, vhost-user-blk, discard, write-zeroes) marks the bitmaps.
 
 use std::io::{self, IoSlice};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -150,6 +151,22 @@ impl BlockNode {
             self.driver.write_vectored(offset, bufs)
         };
         self.mark_dirty(offset, len);
+        result
+    }
+
+    /// Writes the `len` bytes waiting in `pipe` as [`BlockNode::write_vectored`] would, and
+    /// marks the range dirty. `Unsupported`, with the pipe untouched, where the node must
+    /// look at the data: with `detect-zeroes`, or over a probed raw image's first sector.
+    pub fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        let sees_data = self.policy.detect_zeroes != DetectZeroes::Off
+            || (offset < 512 && self.probed_raw.load(Ordering::Acquire));
+        if sees_data {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let result = self.driver.splice_write(pipe, offset, len);
+        if !matches!(&result, Err(e) if e.kind() == io::ErrorKind::Unsupported) {
+            self.mark_dirty(offset, len as u64);
+        }
         result
     }
 

@@ -168,6 +168,13 @@ impl BlockDriver for RawDriver {
         self.child.driver().splice_read(pipe, at, len)
     }
 
+    fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        self.refuse_if_read_only()?;
+        let at = self.translate(offset, len as u64)?;
+        // Through the child node, as write_vectored.
+        self.child.splice_write(pipe, at, len)
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.child.driver().flush()
     }
@@ -341,6 +348,57 @@ mod tests {
             "Cannot resize fixed-size raw disks"
         );
         drv.flush().unwrap();
+    }
+
+    /// Spliced writes take the same path as copied ones: through the window, into the file,
+    /// marking the bitmaps of both nodes. A node that must see the data refuses them and
+    /// leaves the pipe as it was.
+    #[test]
+    fn spliced_writes_go_where_copied_ones_go() {
+        use crate::block::bitmap::DirtyBitmap;
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+
+        let (mut graph, img) = graph_with_file(json!({}));
+        let file = graph.lookup("f0").unwrap();
+        let raw = graph.add(
+            "r0",
+            json!({"driver": "raw", "file": "f0", "offset": 1024, "size": 16384}),
+        );
+        raw.add_bitmap(DirtyBitmap::new("b0", 512, 16384));
+        file.add_bitmap(DirtyBitmap::new("b1", 512, 65536));
+        let (mut from, mut to) = std::io::pipe().unwrap();
+        to.write_all(&[0xab; 3000]).unwrap();
+        raw.splice_write(from.as_fd(), 4096, 3000).unwrap();
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert!(on_disk[1024 + 4096..][..3000].iter().all(|&b| b == 0xab));
+        assert_eq!(on_disk[1024 + 4095], ((1024 + 4095) * 7) as u8);
+        assert_eq!(on_disk[1024 + 7096], ((1024 + 7096) * 7) as u8);
+        let dirty = |node: &BlockNode| node.bitmaps_info()[0]["count"].as_u64().unwrap();
+        assert_eq!(dirty(&raw), 3072, "the raw node's bitmap");
+        assert_eq!(dirty(&file), 3072, "the file node's bitmap");
+
+        // Past the window: refused before anything leaves the pipe.
+        to.write_all(&[0xcd; 512]).unwrap();
+        let err = raw
+            .splice_write(from.as_fd(), 16384 - 256, 512)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let mut left = [0u8; 512];
+        from.read_exact(&mut left).unwrap();
+
+        let other = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(other.path(), [1; 4096]).unwrap();
+        let zeroes = graph.add(
+            "f1",
+            json!({"driver": "file", "filename": other.path().to_str().unwrap(),
+                   "detect-zeroes": "on"}),
+        );
+        to.write_all(&[0; 512]).unwrap();
+        let err = zeroes.splice_write(from.as_fd(), 0, 512).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        from.read_exact(&mut left).unwrap();
+        assert_eq!(left, [0; 512], "the pipe is as it was");
     }
 
     #[test]

@@ -99,6 +99,11 @@ impl nbd::ExportBackend for NodeDisk {
         self.node.driver().splice_read(pipe, offset, len)
     }
 
+    fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        self.node.splice_write(pipe, offset, len)?;
+        self.after_write(false)
+    }
+
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.node.discard(offset, len)?;
         self.after_write(false)
