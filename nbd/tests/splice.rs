@@ -283,6 +283,32 @@ fn large_writes_land_while_their_payload_arrives() {
     }
 }
 
+/// Sends a WRITE of `data` at `offset` in 16 KiB pieces with pauses; returns the simple
+/// reply's error field.
+fn dribble_write(c: &mut Client, offset: u64, data: &[u8]) -> [u8; 4] {
+    let h = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_WRITE,
+        cookie: 9,
+        offset,
+        length: data.len() as u64,
+    };
+    let sock = c.stream_mut();
+    sock.write_all(&h.encode_compact()).unwrap();
+    sock.flush().unwrap();
+    // The header alone, as a rule: then no payload is read ahead with it.
+    std::thread::sleep(Duration::from_millis(20));
+    for piece in data.chunks(16 * 1024) {
+        sock.write_all(piece).unwrap();
+        sock.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut reply = [0u8; 16];
+    std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
+    assert_eq!(reply[8..], 9u64.to_be_bytes());
+    [reply[4], reply[5], reply[6], reply[7]]
+}
+
 /// Over TCP a copied payload dribbling in goes to the file in whole 128 KiB pieces, not in
 /// whatever each segment brought.
 #[test]
@@ -291,24 +317,8 @@ fn copied_tcp_writes_go_in_whole_pieces() {
     s.backend.refuse_splice_in();
     let mut c = Handshake::start(s.tcp()).unwrap().go("e").unwrap();
     let data = pattern(MIB as usize, 60);
-    let h = proto::RequestHeader {
-        flags: 0,
-        command: proto::CMD_WRITE,
-        cookie: 9,
-        offset: MIB,
-        length: MIB,
-    };
     s.backend.take_write_sizes();
-    let sock = c.stream_mut();
-    sock.write_all(&h.encode_compact()).unwrap();
-    for piece in data.chunks(16 * 1024) {
-        sock.write_all(piece).unwrap();
-        sock.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let mut reply = [0u8; 16];
-    std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
-    assert_eq!(reply[4..8], [0, 0, 0, 0], "no error");
+    assert_eq!(dribble_write(&mut c, MIB, &data), [0; 4], "no error");
     // The first piece may be what came with the header; the last, what is left after it.
     let sizes = s.backend.take_write_sizes();
     assert_eq!(sizes.iter().sum::<usize>(), data.len());
@@ -372,32 +382,6 @@ fn pipelined_streamed_writes_land_intact() {
         );
         round_trips(&s, &mut c, 77);
     }
-}
-
-/// Sends a WRITE of `data` at `offset` in 16 KiB pieces with pauses; returns the simple
-/// reply's error field.
-fn dribble_write(c: &mut Client, offset: u64, data: &[u8]) -> [u8; 4] {
-    let h = proto::RequestHeader {
-        flags: 0,
-        command: proto::CMD_WRITE,
-        cookie: 9,
-        offset,
-        length: data.len() as u64,
-    };
-    let sock = c.stream_mut();
-    sock.write_all(&h.encode_compact()).unwrap();
-    sock.flush().unwrap();
-    // The header alone, as a rule: then no payload is read ahead with it.
-    std::thread::sleep(Duration::from_millis(20));
-    for piece in data.chunks(16 * 1024) {
-        sock.write_all(piece).unwrap();
-        sock.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let mut reply = [0u8; 16];
-    std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
-    assert_eq!(reply[8..], 9u64.to_be_bytes());
-    [reply[4], reply[5], reply[6], reply[7]]
 }
 
 /// A spliced payload goes to the file in what each splice brought, all of it, in order.
