@@ -25,6 +25,9 @@ pub struct BlockNode {
     probed_raw: AtomicBool,
 }
 
+/// The sector of a probed raw image that must not be given a format's header.
+const PROBED_SECTOR: usize = 512;
+
 /// Magic strings at offset 0 by which QEMU's probing would take an image
 /// for something other than raw.
 const FORMAT_MAGICS: &[&[u8]] = &[
@@ -71,14 +74,19 @@ impl BlockNode {
         self.probed_raw.store(true, Ordering::Release);
     }
 
+    /// Whether a write at `offset` reaches the first sector of a probed raw
+    /// image, where its data must be checked by [`Self::forges_a_header`].
+    fn writes_a_probed_header(&self, offset: u64) -> bool {
+        offset < PROBED_SECTOR as u64 && self.probed_raw.load(Ordering::Acquire)
+    }
+
     /// Whether writing `bufs` at `offset` would give the first sector a
     /// header that probes as a format other than raw.
     fn forges_a_header(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<bool> {
-        const SECTOR: usize = 512;
-        if offset >= SECTOR as u64 || !self.probed_raw.load(Ordering::Acquire) {
+        if !self.writes_a_probed_header(offset) {
             return Ok(false);
         }
-        let mut sector = vec![0u8; SECTOR.min(self.driver.size() as usize)];
+        let mut sector = vec![0u8; PROBED_SECTOR.min(self.driver.size() as usize)];
         self.driver
             .read_vectored(0, &mut [std::io::IoSliceMut::new(&mut sector)])?;
         let mut at = offset as usize;
@@ -158,9 +166,7 @@ impl BlockNode {
     /// marks the range dirty. `Unsupported`, with the pipe untouched, where the node must
     /// look at the data: with `detect-zeroes`, or over a probed raw image's first sector.
     pub fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
-        let sees_data = self.policy.detect_zeroes != DetectZeroes::Off
-            || (offset < 512 && self.probed_raw.load(Ordering::Acquire));
-        if sees_data {
+        if self.policy.detect_zeroes != DetectZeroes::Off || self.writes_a_probed_header(offset) {
             return Err(io::ErrorKind::Unsupported.into());
         }
         let result = self.driver.splice_write(pipe, offset, len);
