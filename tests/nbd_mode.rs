@@ -193,7 +193,17 @@ fn cache_discard_and_detect_zeroes_options_as_qemu_nbd() {
             .unwrap();
         let child = KillOnDrop(child);
         assert!(wait_for_path(&sock, Duration::from_secs(10)), "{program}");
-        let flags = open_flags(child.0.id(), &img).expect("the image is open");
+        // qemu-nbd listens before it opens the image: wait for both.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let flags = loop {
+            match open_flags(child.0.id(), &img) {
+                Some(flags) => break flags,
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                None => panic!("{program}: the image is not open"),
+            }
+        };
         assert_ne!(
             flags & libc::O_DIRECT as u32,
             0,
