@@ -28,6 +28,7 @@ use std::time::Duration;
 
 pub use proto::Extent;
 pub use server::{RemoveMode, Server, ServerConfig};
+pub use transmission::TCP_UNSENT_MAX;
 
 /// A connected byte stream (unix socket, TCP socket, later TLS session).
 ///

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -68,12 +69,18 @@ impl Setup {
     }
 
     fn tcp(&self) -> Box<dyn Stream> {
+        self.tcp_watched().0
+    }
+
+    /// A TCP connection, with the server's end of it to look at.
+    fn tcp_watched(&self) -> (Box<dyn Stream>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (theirs, _) = listener.accept().unwrap();
         theirs.set_nodelay(true).unwrap();
+        let watched = theirs.try_clone().unwrap();
         self.server.serve_client(Box::new(theirs), Box::new(|| {}));
-        Box::new(ours)
+        (Box::new(ours), watched)
     }
 
     fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -307,6 +314,52 @@ fn dribble_write(c: &mut Client, offset: u64, data: &[u8]) -> [u8; 4] {
     std::io::Read::read_exact(c.stream_mut(), &mut reply).unwrap();
     assert_eq!(reply[8..], 9u64.to_be_bytes());
     [reply[4], reply[5], reply[6], reply[7]]
+}
+
+/// Bytes the kernel holds for `socket` that it has not sent yet.
+fn unsent(socket: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one c_int to a valid pointer.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) };
+    assert_eq!(rc, 0, "SIOCOUTQNSD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// Over TCP, spliced replies that the client's window cannot take yet wait in the server,
+/// not in the socket: bytes queued there would be sent by the CPU that handles the next
+/// ACK, and over loopback two sending CPUs reorder the stream. Once the client reads again
+/// every reply comes, intact.
+#[test]
+fn tcp_replies_wait_in_the_server_until_the_client_has_room() {
+    let s = setup(SIZE);
+    let (stream, server_end) = s.tcp_watched();
+    let mut c = Handshake::start(stream).unwrap().go("e").unwrap();
+    let cookies: Vec<u64> = (0..8)
+        .map(|i| {
+            c.send_request(0, proto::CMD_READ, i * MIB, MIB, &[])
+                .unwrap()
+        })
+        .collect();
+    // The server fills what the client's window takes, then waits; give it the time.
+    let mut most = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(500) {
+        most = most.max(unsent(&server_end));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // What waits in the socket: the limit, and at most one segment that went past it.
+    let limit = nbd::TCP_UNSENT_MAX as usize + 64 * 1024;
+    assert!(most <= limit, "{most} bytes unsent (limit {limit})");
+    for _ in &cookies {
+        let reply = c.receive_reply().unwrap();
+        assert_eq!(reply.error, None);
+        let offset = (reply.cookie - cookies[0]) * MIB;
+        assert!(
+            reply.data == s.file_bytes(offset, MIB as usize),
+            "read at {offset}"
+        );
+    }
+    assert!(s.backend.spliced_out() >= 8);
 }
 
 /// Over TCP a copied payload dribbling in goes to the file in whole 128 KiB pieces, not in
