@@ -96,6 +96,9 @@ struct Request {
 enum Incoming {
     /// A request with its whole payload.
     Whole(Request),
+    /// A WRITE whose whole payload is the start of the reader's buffer: served from there,
+    /// it is not copied on its way to the backend.
+    Buffered(RequestHeader),
     /// A large WRITE whose payload is still on the socket: it is written piece by piece as
     /// it arrives (see [`Session::stream_write`]).
     LargeWrite(RequestHeader),
@@ -291,8 +294,17 @@ pub(crate) fn run(
                 let _ = poll.wait_readable(socket);
             }
         }
+        // The payload bytes at the start of the reader's buffer, if served from there.
+        let mut buffered = 0;
         let request = match session.read_request(&mut reader, &mut after_large_payload, inline) {
             Ok(Some(Incoming::Whole(r))) => r,
+            Ok(Some(Incoming::Buffered(header))) => {
+                buffered = header.length as usize;
+                Request {
+                    header,
+                    payload: Vec::new(),
+                }
+            }
             Ok(Some(Incoming::LargeWrite(header))) => {
                 match session.stream_write(&mut reader, &header, Sink::Batch(&mut batch)) {
                     Ok(busy) => session.note_service(busy, header.length),
@@ -332,18 +344,33 @@ pub(crate) fn run(
         }
         // Alone (nothing running, nothing more queued), a request gains nothing from a
         // hand-off.
-        let alone = reader.buffer().is_empty() && in_flight.idle();
+        let alone = reader.buffer().len() == buffered && in_flight.idle();
         if alone || (inline && cheap) {
             if !cheap {
                 // It may wait for the disk: earlier replies must not wait with it.
                 session.flush_batch(&mut batch);
             }
             let len = request.header.length;
-            let busy = session.handle(request, Sink::Batch(&mut batch));
+            let busy = if buffered > 0 {
+                let payload = &reader.buffer()[..buffered];
+                let busy = session.serve(request.header, payload, Sink::Batch(&mut batch));
+                reader.consume(buffered);
+                busy
+            } else {
+                session.handle(request, Sink::Batch(&mut batch))
+            };
             if cheap {
                 session.note_service(busy, len);
             }
         } else {
+            let mut request = request;
+            if buffered > 0 {
+                // Another thread serves it: it needs a copy.
+                let mut payload = session.take_buffer(buffered);
+                payload.copy_from_slice(&reader.buffer()[..buffered]);
+                reader.consume(buffered);
+                request.payload = payload;
+            }
             if in_flight.start_one() > workers.len() {
                 match spawn_worker(&session, &receiver, &in_flight, workers.len()) {
                     Ok(w) => workers.push(w),
@@ -674,6 +701,9 @@ impl Session {
         {
             return Ok(Some(Incoming::LargeWrite(header)));
         }
+        if header.command == proto::CMD_WRITE && reader.buffer().len() as u64 >= header.length {
+            return Ok(Some(Incoming::Buffered(header)));
+        }
         let mut payload = self.take_buffer(header.length as usize);
         if payload.len() >= READ_BUFFER {
             read_unbuffered(reader, &mut payload)?;
@@ -868,10 +898,14 @@ impl Session {
 
     /// Serve one request and send its reply; returns the time spent in the backend.
     fn handle(&self, request: Request, sink: Sink<'_>) -> Duration {
-        let Request {
-            header: mut h,
-            payload,
-        } = request;
+        let busy = self.serve(request.header, &request.payload, sink);
+        self.give_buffer(request.payload);
+        busy
+    }
+
+    /// Serve one request whose payload (if any) is `payload`; returns the time spent in
+    /// the backend.
+    fn serve(&self, mut h: RequestHeader, payload: &[u8], sink: Sink<'_>) -> Duration {
         let mut contexts = None;
         let with_payload = self.extended() && h.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
         if with_payload && !matches!(h.command, proto::CMD_WRITE | proto::CMD_BLOCK_STATUS) {
@@ -880,7 +914,7 @@ impl Session {
             h.length = 0;
         }
         if h.command == proto::CMD_BLOCK_STATUS && with_payload {
-            match self.status_payload(&payload) {
+            match self.status_payload(payload) {
                 Ok((effect_length, subset)) => {
                     h.length = effect_length;
                     h.flags &= !proto::CMD_FLAG_PAYLOAD_LEN;
@@ -888,12 +922,11 @@ impl Session {
                 }
                 Err(msg) => {
                     self.send_error(sink, &h, proto::EINVAL, &msg);
-                    self.give_buffer(payload);
                     return Duration::ZERO;
                 }
             }
         }
-        let busy = match self.validate(&h) {
+        match self.validate(&h) {
             Err((errno, msg)) => {
                 debug!(
                     "NBD client {}: {} request refused: {msg}",
@@ -910,15 +943,13 @@ impl Session {
                 }
                 _ => {
                     let start = Instant::now();
-                    let result = self.execute(&h, &payload);
+                    let result = self.execute(&h, payload);
                     let busy = start.elapsed();
                     self.reply_to_command(sink, &h, result);
                     busy
                 }
             },
-        };
-        self.give_buffer(payload);
-        busy
+        }
     }
 
     fn reply_to_command(&self, sink: Sink<'_>, h: &RequestHeader, result: io::Result<()>) {

@@ -823,6 +823,43 @@ fn requests_are_served_concurrently_and_out_of_order() {
     }
 }
 
+/// Small WRITEs pipelined so that many wait in the server's read buffer at once: those
+/// served on the reader thread straight from that buffer and those (with FUA) handed to
+/// the pool each land whole at their own offset, in every header mode.
+#[test]
+fn pipelined_small_writes_land_whole() {
+    for extended in [false, true] {
+        let (f, backend) = Fixture::with_export("e", false, 8 * MIB);
+        let mut c = Client::connect(f.connect(), "e", extended, &[]).unwrap();
+        let mut expected = vec![0u8; 8 * MIB as usize];
+        let mut offset = 0usize;
+        let mut fua = 0;
+        let mut cookies = Vec::new();
+        for i in 0..96usize {
+            let len = [1, 512, 4096, 4097, 20_000, 65_536][i % 6];
+            let data = pattern(len, i as u8);
+            expected[offset..offset + len].copy_from_slice(&data);
+            let flags = if i % 5 == 0 {
+                fua += 1;
+                proto::CMD_FLAG_FUA
+            } else {
+                0
+            };
+            cookies.push(
+                c.send_request(flags, proto::CMD_WRITE, offset as u64, len as u64, &data)
+                    .unwrap(),
+            );
+            offset += len + 3;
+        }
+        for _ in &cookies {
+            let r = c.receive_reply().unwrap();
+            assert_eq!(r.error, None, "write {}", r.cookie);
+        }
+        assert!(backend.contents() == expected, "extended={extended}");
+        assert_eq!(backend.fua_writes(), fua);
+    }
+}
+
 #[test]
 fn many_clients_in_parallel() {
     let (f, _) = Fixture::with_export("e", false, 8 * MIB);
