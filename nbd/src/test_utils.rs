@@ -30,6 +30,8 @@ pub struct MemBackend {
     extra_maps: Vec<Vec<Extent>>,
     read_delay: Option<Duration>,
     flush_delay: Option<Duration>,
+    /// Reads that touch this range fail with EIO (a bad spot on the disk).
+    bad_range: Option<std::ops::Range<u64>>,
     flushes: AtomicUsize,
     fua_writes: AtomicUsize,
     /// Names of the threads that served writes, one entry per thread.
@@ -55,6 +57,7 @@ impl MemBackend {
             extra_maps: Vec::new(),
             read_delay: None,
             flush_delay: None,
+            bad_range: None,
             flushes: AtomicUsize::new(0),
             fua_writes: AtomicUsize::new(0),
             write_threads: Mutex::new(Vec::new()),
@@ -70,6 +73,12 @@ impl MemBackend {
     /// Make every read sleep first (to observe concurrent, out-of-order service).
     pub fn with_read_delay(mut self, delay: Duration) -> Self {
         self.read_delay = Some(delay);
+        self
+    }
+
+    /// Make reads that touch `range` fail with EIO.
+    pub fn with_bad_range(mut self, range: std::ops::Range<u64>) -> Self {
+        self.bad_range = Some(range);
         self
     }
 
@@ -159,6 +168,11 @@ impl ExportBackend for MemBackend {
         }
         let disk = self.disk.read().unwrap_or_else(|p| p.into_inner());
         let (start, end) = self.checked(offset, buf.len() as u64, disk.data.len())?;
+        if let Some(bad) = &self.bad_range {
+            if bad.start < end as u64 && (start as u64) < bad.end {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
         buf.copy_from_slice(&disk.data[start..end]);
         Ok(())
     }

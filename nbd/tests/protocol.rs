@@ -860,6 +860,54 @@ fn pipelined_small_writes_land_whole() {
     }
 }
 
+/// Small READs pipelined so that their replies share a batch, some of them failing on a
+/// bad spot of the disk: each failure is an EIO reply of its own and every other reply
+/// carries its own data, in every reply mode.
+#[test]
+fn failed_reads_among_batched_replies_stay_in_step() {
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let f = Fixture::new(ServerConfig::default());
+        let backend = Arc::new(MemBackend::new(MIB).with_bad_range(64 * 1024..68 * 1024));
+        f.add("e", false, Arc::clone(&backend), &[]);
+        let mut c = if structured {
+            Client::connect(f.connect(), "e", extended, &[]).unwrap()
+        } else {
+            Handshake::start(f.connect())
+                .unwrap()
+                .export_name("e")
+                .unwrap()
+        };
+        c.write(0, &pattern(MIB as usize, 9), 0).unwrap();
+        let expect = pattern(MIB as usize, 9);
+        let mut sent = Vec::new();
+        for i in 0..64u64 {
+            let offset = i * 2048;
+            let len = 512 + (i % 4) * 1024;
+            let flags = if structured { proto::CMD_FLAG_DF } else { 0 };
+            let cookie = c
+                .send_request(flags, proto::CMD_READ, offset, len, &[])
+                .unwrap();
+            sent.push((cookie, offset, len));
+        }
+        let mut failed = 0;
+        for _ in &sent {
+            let r = c.receive_reply().unwrap();
+            let &(_, offset, len) = sent.iter().find(|s| s.0 == r.cookie).unwrap();
+            let bad = offset < 68 * 1024 && offset + len > 64 * 1024;
+            if bad {
+                failed += 1;
+                assert_eq!(r.error.map(|e| e.0), Some(proto::EIO), "read at {offset}");
+            } else {
+                assert_eq!(r.error, None, "read at {offset}");
+                let (o, l) = (offset as usize, len as usize);
+                assert!(r.data == expect[o..o + l], "data at {offset}");
+            }
+        }
+        assert!(failed >= 2, "{failed} reads touched the bad range");
+        c.disconnect().unwrap();
+    }
+}
+
 #[test]
 fn many_clients_in_parallel() {
     let (f, _) = Fixture::with_export("e", false, 8 * MIB);
