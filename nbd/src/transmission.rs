@@ -220,12 +220,15 @@ pub(crate) fn run(
     };
     let size = export.backend.size();
     let splicing = export.backend.can_splice() && writer.plain_socket().is_some();
-    let tcp = writer.plain_socket().is_some_and(is_tcp);
-    if let (true, Some(socket)) = (tcp, writer.plain_socket()) {
-        if let Err(e) = limit_unsent(socket) {
-            debug!("NBD client {id}: cannot limit unsent bytes: {e}");
+    let tcp = match writer.plain_socket() {
+        Some(socket) if is_tcp(socket) => {
+            if let Err(e) = limit_unsent(socket) {
+                debug!("NBD client {id}: cannot limit unsent bytes: {e}");
+            }
+            true
         }
-    }
+        _ => false,
+    };
     let session = Arc::new(Session {
         id,
         export,
@@ -296,7 +299,8 @@ pub(crate) fn run(
         }
         // The payload bytes at the start of the reader's buffer, if served from there.
         let mut buffered = 0;
-        let request = match session.read_request(&mut reader, &mut after_large_payload, inline) {
+        let mut request = match session.read_request(&mut reader, &mut after_large_payload, inline)
+        {
             Ok(Some(Incoming::Whole(r))) => r,
             Ok(Some(Incoming::Buffered(header))) => {
                 buffered = header.length as usize;
@@ -363,7 +367,6 @@ pub(crate) fn run(
                 session.note_service(busy, len);
             }
         } else {
-            let mut request = request;
             if buffered > 0 {
                 // Another thread serves it: it needs a copy.
                 let mut payload = session.take_buffer(buffered);
@@ -1285,17 +1288,9 @@ impl Session {
         let busy = start.elapsed();
         match (result, segments) {
             (Err(e), _) => self.read_failed(sink, h, &e),
-            (Ok(()), None) if self.mode == Mode::Simple => {
-                self.send(sink, &[&proto::simple_reply(0, h.cookie), &buf]);
-            }
             (Ok(()), None) => {
-                let (b, n) = self.chunk(
-                    proto::REPLY_FLAG_DONE,
-                    proto::REPLY_TYPE_OFFSET_DATA,
-                    h,
-                    8 + len as u64,
-                );
-                self.send(sink, &[&b[..n], &h.offset.to_be_bytes(), &buf]);
+                let (head, n) = self.data_reply_head(h);
+                self.send(sink, &[&head[..n], &buf]);
             }
             (Ok(()), Some(segments)) => self.send_sparse(sink, h, &segments, &buf),
         }
@@ -1308,18 +1303,8 @@ impl Session {
     fn read_into_batch(&self, batch: &mut Vec<u8>, h: &RequestHeader, start: Instant) -> Duration {
         let len = h.length as usize;
         let reply_at = batch.len();
-        if self.mode == Mode::Simple {
-            batch.extend_from_slice(&proto::simple_reply(0, h.cookie));
-        } else {
-            let (chunk, n) = self.chunk(
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_OFFSET_DATA,
-                h,
-                8 + len as u64,
-            );
-            batch.extend_from_slice(&chunk[..n]);
-            batch.extend_from_slice(&h.offset.to_be_bytes());
-        }
+        let (head, n) = self.data_reply_head(h);
+        batch.extend_from_slice(&head[..n]);
         let data_at = batch.len();
         batch.resize(data_at + len, 0);
         let result = self.export.backend.read_at(&mut batch[data_at..], h.offset);
@@ -1335,6 +1320,25 @@ impl Session {
         busy
     }
 
+    /// What goes before a READ's data sent whole in one reply: the simple reply, or the
+    /// final OFFSET_DATA chunk's header and offset.
+    fn data_reply_head(&self, h: &RequestHeader) -> ([u8; 40], usize) {
+        let mut head = [0u8; 40];
+        if self.mode == Mode::Simple {
+            head[..16].copy_from_slice(&proto::simple_reply(0, h.cookie));
+            return (head, 16);
+        }
+        let (chunk, n) = self.chunk(
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            h,
+            8 + h.length,
+        );
+        head[..n].copy_from_slice(&chunk[..n]);
+        head[n..n + 8].copy_from_slice(&h.offset.to_be_bytes());
+        (head, n + 8)
+    }
+
     fn read_failed(&self, sink: Sink<'_>, h: &RequestHeader, e: &io::Error) {
         let msg = format!(
             "reading from export '{}' failed: {e}",
@@ -1347,19 +1351,7 @@ impl Session {
     /// Send a READ's data reply whose data waits in `pipe`.
     fn send_from_pipe(&self, sink: Sink<'_>, h: &RequestHeader, pipe: Pipe) {
         let len = h.length as usize;
-        let offset = h.offset.to_be_bytes();
-        let simple = proto::simple_reply(0, h.cookie);
-        let (chunk, n) = self.chunk(
-            proto::REPLY_FLAG_DONE,
-            proto::REPLY_TYPE_OFFSET_DATA,
-            h,
-            8 + len as u64,
-        );
-        let head: [&[u8]; 2] = if self.mode == Mode::Simple {
-            [&simple, &[]]
-        } else {
-            [&chunk[..n], &offset]
-        };
+        let (head, n) = self.data_reply_head(h);
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
@@ -1369,7 +1361,7 @@ impl Session {
             Sink::Socket => &mut Vec::new(),
         };
         let sent = match writer.plain_socket() {
-            Some(socket) => splice::send_more(socket, &[batch, head[0], head[1]])
+            Some(socket) => splice::send_more(socket, &[batch, &head[..n]])
                 .and_then(|()| splice::pipe_to_socket(pipe.read_end(), socket, len)),
             None => Err(ErrorKind::Unsupported.into()),
         };
