@@ -457,11 +457,17 @@ fn hard_delete_drains_as_qsd() {
     let idle = hard_delete_transcript(Impl::Blkd, false);
     assert_eq!(idle[..2], [ok.clone(), deleted.clone()], "{idle:?}");
     assert_eq!(idle[2..4], [json!({"return": []}), ok.clone()], "{idle:?}");
-    assert_eq!(idle, hard_delete_transcript(Impl::Qsd, false));
+    // QSD sometimes still lists the export, shutting down, in the query right
+    // after the event (about one run in four here); everything else matches.
+    let mut qsd = hard_delete_transcript(Impl::Qsd, false);
+    let draining = json!([{"node-name": "n0", "shutting-down": true, "type": "nbd", "id": "e0"}]);
+    if qsd.get(2) == Some(&json!({"return": draining})) {
+        qsd[2] = json!({"return": []});
+    }
+    assert_eq!(idle, qsd);
     // A read in flight keeps the export shutting down, and its node busy,
     // until it is done.
     let busy = hard_delete_transcript(Impl::Blkd, true);
-    let draining = json!([{"node-name": "n0", "shutting-down": true, "type": "nbd", "id": "e0"}]);
     assert_eq!(busy[1], json!({"return": draining}), "{busy:?}");
     assert_eq!(busy[2]["error"]["desc"], "Node n0 is in use", "{busy:?}");
     assert_eq!(busy[3..], [deleted, ok], "{busy:?}");
