@@ -83,6 +83,10 @@ const STREAM_MIN: u64 = 256 * 1024;
 const SLOW_TO_POOL: u32 = 4;
 /// ... and serves them again once at most this many of the last 64 were.
 const SLOW_TO_INLINE: u32 = 1;
+/// A client whose request the reader waited this long for had nothing else to send: it is
+/// likely asleep until the reply comes (see [`Session::flush_batch`]). Requests queued
+/// behind others arrive within a few microseconds.
+const CLIENT_ASLEEP: Duration = Duration::from_micros(10);
 /// How far past a read a `base:allocation` query looks, so that one answer covers many
 /// reads of allocated data.
 const STATUS_LOOKAHEAD: u64 = 1 << 30;
@@ -111,7 +115,68 @@ enum Sink<'a> {
     /// Straight to the socket, under the send lock (worker threads).
     Socket,
     /// Into the reader's batch of replies, written by [`Session::flush_batch`].
-    Batch(&'a mut Vec<u8>),
+    Batch(&'a mut Batch),
+}
+
+/// The replies the reader has gathered, to be written together.
+struct Batch {
+    /// Bytes `..len` are the replies. The rest were replies before: they stay so that a
+    /// READ can be served into them without zeroing them first.
+    buf: Vec<u8>,
+    len: usize,
+    /// Where the data starts when the batch holds one READ reply and nothing else, to a
+    /// client that seemed asleep (see [`Session::flush_batch`]).
+    lone_read_data: Option<usize>,
+    /// Whether the client seemed asleep when the request being served arrived: the
+    /// reader waited at least [`CLIENT_ASLEEP`] for it.
+    client_asleep: bool,
+}
+
+impl Batch {
+    fn with_capacity(capacity: usize) -> Self {
+        Batch {
+            buf: Vec::with_capacity(capacity),
+            len: 0,
+            lone_read_data: None,
+            client_asleep: false,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.grow(bytes.len()).copy_from_slice(bytes);
+    }
+
+    /// `n` more bytes at the end, for the caller to fill: whatever they held before.
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let start = self.len;
+        self.len += n;
+        if self.buf.len() < self.len {
+            self.buf.resize(self.len, 0);
+        }
+        self.lone_read_data = None;
+        &mut self.buf[start..self.len]
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        self.lone_read_data = None;
+    }
+
+    fn clear(&mut self) {
+        self.truncate(0);
+    }
 }
 
 struct Session {
@@ -141,6 +206,9 @@ struct Session {
     /// Whether the connection is TCP, where every send and every wake-up of the reader
     /// costs a trip through the network stack (see [`HOLD_MAX_BYTES`], [`TCP_PIECE`]).
     tcp: bool,
+    /// Whether a lone READ reply to a client that seemed asleep is sent head first (see
+    /// [`Session::flush_batch`]): on plain sockets other than TCP.
+    head_first: bool,
 }
 
 struct InFlight {
@@ -219,7 +287,8 @@ pub(crate) fn run(
         }
     };
     let size = export.backend.size();
-    let splicing = export.backend.can_splice() && writer.plain_socket().is_some();
+    let plain = writer.plain_socket().is_some();
+    let splicing = export.backend.can_splice() && plain;
     let tcp = match writer.plain_socket() {
         Some(socket) if is_tcp(socket) => {
             if let Err(e) = limit_unsent(socket) {
@@ -245,6 +314,7 @@ pub(crate) fn run(
         known_data: Mutex::new(0..0),
         slow_history: AtomicU64::new(0),
         tcp,
+        head_first: plain && !tcp,
     });
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
@@ -256,9 +326,10 @@ pub(crate) fn run(
     let stream = RequestStream {
         stream,
         dont_wait: false,
+        waited_long: false,
     };
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
+    let mut batch = Batch::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
     // Serve cheap requests on this thread (see the module comment).
     let mut inline = true;
     let poll_max = session.export.config.poll_max;
@@ -333,6 +404,7 @@ pub(crate) fn run(
                 break;
             }
         };
+        batch.client_asleep = reader.get_ref().waited_long;
         let cheap = is_cheap(&request.header, session.splicing.load(Ordering::Relaxed));
         if cheap {
             let slow = session.slow_history.load(Ordering::Relaxed).count_ones();
@@ -474,12 +546,17 @@ fn read_unbuffered(reader: &mut Reader, buf: &mut [u8]) -> io::Result<()> {
 struct RequestStream {
     stream: Box<dyn Stream>,
     dont_wait: bool,
+    /// Whether the last read that could wait waited at least [`CLIENT_ASLEEP`].
+    waited_long: bool,
 }
 
 impl Read for RequestStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.dont_wait {
-            return self.stream.read(buf);
+            let start = Instant::now();
+            let got = self.stream.read(buf);
+            self.waited_long = start.elapsed() >= CLIENT_ASLEEP;
+            return got;
         }
         // Without the socket itself (TLS), nothing can be read without waiting.
         match self.stream.plain_socket() {
@@ -1129,53 +1206,74 @@ impl Session {
                 let len: usize = parts.iter().map(|p| p.len()).sum();
                 if len <= BATCH_COPY_MAX {
                     for part in parts {
-                        batch.extend_from_slice(part);
+                        batch.push(part);
                     }
                     if batch.len() >= BATCH_FLUSH {
                         self.flush_batch(batch);
                     }
                 } else {
-                    self.write_parts(batch, parts);
+                    self.write_parts(batch.bytes(), parts);
                     batch.clear();
                 }
             }
         }
     }
 
-    /// Write the replies gathered in `batch`.
-    fn flush_batch(&self, batch: &mut Vec<u8>) {
-        if !batch.is_empty() {
-            self.write_parts(batch, &[]);
+    /// Write the replies gathered in `batch`. A lone READ reply to a client that seemed
+    /// asleep (at QD1) goes out in two sends on a unix socket, the bytes before its data
+    /// first: the first send wakes the client, and on a virtual machine that wake-up is an
+    /// interrupt between CPUs that takes 10-20 us to land, while the second send copies the
+    /// data. Over TCP every send is a trip through the network stack, and it gained nothing.
+    fn flush_batch(&self, batch: &mut Batch) {
+        if batch.is_empty() || self.broken.load(Ordering::SeqCst) {
             batch.clear();
+            return;
         }
+        let bytes = batch.bytes();
+        let (first, rest) = match batch.lone_read_data {
+            Some(at) => bytes.split_at(at),
+            None => (bytes, &[][..]),
+        };
+        let mut writer = lock(&self.writer);
+        if self.write_whole(&mut writer, &[first]) {
+            self.write_whole(&mut writer, &[rest]);
+        }
+        batch.clear();
     }
 
-    /// Write `head` then `parts`, whole, under the send lock.
+    /// Write `head` then `parts`, whole and together, under the send lock.
     fn write_parts(&self, head: &[u8], parts: &[&[u8]]) {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        let mut slices: Vec<IoSlice<'_>> = std::iter::once(head)
-            .chain(parts.iter().copied())
+        let all: Vec<&[u8]> = std::iter::once(head).chain(parts.iter().copied()).collect();
+        self.write_whole(&mut lock(&self.writer), &all);
+    }
+
+    /// Write all of `parts` to `writer` (held under the send lock), gathered into as few
+    /// writes as the socket takes. False if the connection broke.
+    fn write_whole(&self, writer: &mut Box<dyn Stream>, parts: &[&[u8]]) -> bool {
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
             .filter(|p| !p.is_empty())
-            .map(IoSlice::new)
+            .map(|p| IoSlice::new(p))
             .collect();
         let mut slices: &mut [IoSlice<'_>] = &mut slices;
-        let mut writer = lock(&self.writer);
         while !slices.is_empty() {
             match writer.write_vectored(slices) {
                 Ok(0) => {
-                    self.fail_send(&mut writer, io::Error::from(ErrorKind::WriteZero));
-                    return;
+                    self.fail_send(writer, io::Error::from(ErrorKind::WriteZero));
+                    return false;
                 }
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.fail_send(&mut writer, e);
-                    return;
+                    self.fail_send(writer, e);
+                    return false;
                 }
             }
         }
+        true
     }
 
     fn fail_send(&self, writer: &mut Box<dyn Stream>, e: io::Error) {
@@ -1300,18 +1398,21 @@ impl Session {
 
     /// Serve a small READ of data straight into the reply batch, after its reply header:
     /// one copy less than reading into a buffer and appending that.
-    fn read_into_batch(&self, batch: &mut Vec<u8>, h: &RequestHeader, start: Instant) -> Duration {
+    fn read_into_batch(&self, batch: &mut Batch, h: &RequestHeader, start: Instant) -> Duration {
         let len = h.length as usize;
         let reply_at = batch.len();
         let (head, n) = self.data_reply_head(h);
-        batch.extend_from_slice(&head[..n]);
+        batch.push(&head[..n]);
         let data_at = batch.len();
-        batch.resize(data_at + len, 0);
-        let result = self.export.backend.read_at(&mut batch[data_at..], h.offset);
+        let result = self.export.backend.read_at(batch.grow(len), h.offset);
         let busy = start.elapsed();
         match result {
             Ok(()) if batch.len() >= BATCH_FLUSH => self.flush_batch(batch),
-            Ok(()) => {}
+            Ok(()) => {
+                if reply_at == 0 && batch.client_asleep && self.head_first {
+                    batch.lone_read_data = Some(data_at);
+                }
+            }
             Err(e) => {
                 batch.truncate(reply_at);
                 self.read_failed(Sink::Batch(batch), h, &e);
@@ -1356,16 +1457,18 @@ impl Session {
             return;
         }
         let mut writer = lock(&self.writer);
-        let batch = match sink {
-            Sink::Batch(batch) => batch,
-            Sink::Socket => &mut Vec::new(),
+        let queued = match &sink {
+            Sink::Batch(batch) => batch.bytes(),
+            Sink::Socket => &[],
         };
         let sent = match writer.plain_socket() {
-            Some(socket) => splice::send_more(socket, &[batch, &head[..n]])
+            Some(socket) => splice::send_more(socket, &[queued, &head[..n]])
                 .and_then(|()| splice::pipe_to_socket(pipe.read_end(), socket, len)),
             None => Err(ErrorKind::Unsupported.into()),
         };
-        batch.clear();
+        if let Sink::Batch(batch) = sink {
+            batch.clear();
+        }
         match sent {
             Ok(()) => self.give_pipe(pipe),
             Err(e) => self.fail_send(&mut writer, e),
@@ -1947,5 +2050,121 @@ mod tests {
         // the backend slow, the others overlap.
         let took = start.elapsed();
         assert!(took < Duration::from_millis(800), "{took:?}");
+    }
+
+    /// A unix socket that records the bytes given to each write (shared by its clones) and, while
+    /// `corked` holds a buffer, gathers its writes there instead.
+    struct TestUnix {
+        inner: UnixStream,
+        writes: Arc<Mutex<Vec<usize>>>,
+        corked: Arc<Mutex<Option<Vec<u8>>>>,
+    }
+
+    impl TestUnix {
+        fn new(inner: UnixStream) -> Self {
+            TestUnix {
+                inner,
+                writes: Arc::default(),
+                corked: Arc::default(),
+            }
+        }
+    }
+
+    impl Read for TestUnix {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for TestUnix {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if let Some(held) = self.corked.lock().unwrap().as_mut() {
+                bufs.iter().for_each(|b| held.extend_from_slice(b));
+                return Ok(bufs.iter().map(|b| b.len()).sum());
+            }
+            // Noted before the bytes can reach the peer, which may check at once.
+            let len = bufs.iter().map(|b| b.len()).sum();
+            self.writes.lock().unwrap().push(len);
+            self.inner.write_vectored(bufs)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Stream for TestUnix {
+        fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
+            Ok(Box::new(TestUnix {
+                inner: self.inner.try_clone()?,
+                writes: Arc::clone(&self.writes),
+                corked: Arc::clone(&self.corked),
+            }))
+        }
+
+        fn shutdown(&self) -> io::Result<()> {
+            self.inner.shutdown(std::net::Shutdown::Both)
+        }
+
+        fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+            self.inner.set_read_timeout(timeout)?;
+            self.inner.set_write_timeout(timeout)
+        }
+
+        fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
+            Some(self.inner.as_fd())
+        }
+    }
+
+    #[test]
+    fn a_lone_read_to_a_waiting_client_is_sent_head_first() {
+        let server = Server::new(ServerConfig::default());
+        let config = ExportConfig {
+            name: "e".into(),
+            ..ExportConfig::default()
+        };
+        server
+            .add_export(config, Arc::new(MemBackend::new(4 * MIB)))
+            .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let theirs = TestUnix::new(theirs);
+        let server_writes = Arc::clone(&theirs.writes);
+        server.serve_client(Box::new(theirs), Box::new(|| {}));
+        let ours = TestUnix::new(ours);
+        let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
+        let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+        let data = pattern(8192, 5);
+        c.write(0, &data, 0).unwrap();
+        let head = 20 + 8; // structured reply chunk header, then the offset
+        for len in [1, 4096, 8192] {
+            // The client idles before each request, as at QD1.
+            std::thread::sleep(Duration::from_millis(5));
+            server_writes.lock().unwrap().clear();
+            assert_eq!(c.read(0, len as u32, 0).unwrap(), &data[..len]);
+            assert_eq!(*server_writes.lock().unwrap(), vec![head, len]);
+        }
+        // Requests that arrive together are answered together.
+        std::thread::sleep(Duration::from_millis(5));
+        *cork.lock().unwrap() = Some(Vec::new());
+        let first = c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
+        c.send_request(0, proto::CMD_READ, 4096, 4096, &[]).unwrap();
+        let burst = cork.lock().unwrap().take().unwrap();
+        server_writes.lock().unwrap().clear();
+        raw.write_all(&burst).unwrap();
+        for _ in 0..2 {
+            let r = c.receive_reply().unwrap();
+            let at = if r.cookie == first { 0 } else { 4096 };
+            assert_eq!(r.data, &data[at..at + 4096]);
+        }
+        assert_eq!(*server_writes.lock().unwrap(), vec![2 * (head + 4096)]);
+        // A WRITE's reply has no data to send after it.
+        std::thread::sleep(Duration::from_millis(5));
+        server_writes.lock().unwrap().clear();
+        c.write(0, &data[..512], 0).unwrap();
+        assert_eq!(server_writes.lock().unwrap().len(), 1);
     }
 }
