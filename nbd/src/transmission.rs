@@ -83,9 +83,10 @@ const STREAM_MIN: u64 = 256 * 1024;
 const SLOW_TO_POOL: u32 = 4;
 /// ... and serves them again once at most this many of the last 64 were.
 const SLOW_TO_INLINE: u32 = 1;
-/// A client whose request the reader waited this long for had nothing else to send: it is
-/// likely asleep until the reply comes (see [`Session::flush_batch`]). Requests queued
-/// behind others arrive within a few microseconds.
+/// A client whose request the reader waited this long for (polling the socket or asleep on
+/// it) had nothing else to send: it is likely asleep until the reply comes (see
+/// [`Session::flush_batch`]). Requests queued behind others arrive within a few
+/// microseconds, and those already in the read buffer are not waited for at all.
 const CLIENT_ASLEEP: Duration = Duration::from_micros(10);
 /// How far past a read a `base:allocation` query looks, so that one answer covers many
 /// reads of allocated data.
@@ -127,7 +128,7 @@ struct Batch {
     /// Where the data starts when the batch holds one READ reply and nothing else, to a
     /// client that seemed asleep (see [`Session::flush_batch`]).
     lone_read_data: Option<usize>,
-    /// Whether the client seemed asleep when the request being served arrived: the
+    /// Whether the client seemed asleep when the request being served was read: the
     /// reader waited at least [`CLIENT_ASLEEP`] for it.
     client_asleep: bool,
 }
@@ -326,7 +327,6 @@ pub(crate) fn run(
     let stream = RequestStream {
         stream,
         dont_wait: false,
-        waited_long: false,
     };
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
     let mut batch = Batch::with_capacity(BATCH_FLUSH + BATCH_COPY_MAX);
@@ -361,6 +361,7 @@ pub(crate) fn run(
             }
         }
         in_flight.wait_below(max_in_flight);
+        let waiting_since = Instant::now();
         if let (Some(poll), Some(socket)) = (poll.as_mut(), reader.get_ref().stream.plain_socket())
         {
             if reader.buffer().is_empty() {
@@ -404,7 +405,7 @@ pub(crate) fn run(
                 break;
             }
         };
-        batch.client_asleep = reader.get_ref().waited_long;
+        batch.client_asleep = waiting_since.elapsed() >= CLIENT_ASLEEP;
         let cheap = is_cheap(&request.header, session.splicing.load(Ordering::Relaxed));
         if cheap {
             let slow = session.slow_history.load(Ordering::Relaxed).count_ones();
@@ -546,17 +547,12 @@ fn read_unbuffered(reader: &mut Reader, buf: &mut [u8]) -> io::Result<()> {
 struct RequestStream {
     stream: Box<dyn Stream>,
     dont_wait: bool,
-    /// Whether the last read that could wait waited at least [`CLIENT_ASLEEP`].
-    waited_long: bool,
 }
 
 impl Read for RequestStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.dont_wait {
-            let start = Instant::now();
-            let got = self.stream.read(buf);
-            self.waited_long = start.elapsed() >= CLIENT_ASLEEP;
-            return got;
+            return self.stream.read(buf);
         }
         // Without the socket itself (TLS), nothing can be read without waiting.
         match self.stream.plain_socket() {
@@ -2122,9 +2118,21 @@ mod tests {
 
     #[test]
     fn a_lone_read_to_a_waiting_client_is_sent_head_first() {
+        lone_reads_to_a_waiting_client_are_sent_head_first(Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lone_read_to_a_waiting_client_is_sent_head_first_when_polling() {
+        lone_reads_to_a_waiting_client_are_sent_head_first(Duration::from_micros(64));
+    }
+
+    fn lone_reads_to_a_waiting_client_are_sent_head_first(poll_max: Duration) {
+        // Long enough for the server to be waiting however loaded the machine.
+        const IDLE: Duration = Duration::from_millis(20);
         let server = Server::new(ServerConfig::default());
         let config = ExportConfig {
             name: "e".into(),
+            poll_max,
             ..ExportConfig::default()
         };
         server
@@ -2142,13 +2150,13 @@ mod tests {
         let head = 20 + 8; // structured reply chunk header, then the offset
         for len in [1, 4096, 8192] {
             // The client idles before each request, as at QD1.
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(IDLE);
             server_writes.lock().unwrap().clear();
             assert_eq!(c.read(0, len as u32, 0).unwrap(), &data[..len]);
             assert_eq!(*server_writes.lock().unwrap(), vec![head, len]);
         }
         // Requests that arrive together are answered together.
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(IDLE);
         *cork.lock().unwrap() = Some(Vec::new());
         let first = c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
         c.send_request(0, proto::CMD_READ, 4096, 4096, &[]).unwrap();
@@ -2162,7 +2170,7 @@ mod tests {
         }
         assert_eq!(*server_writes.lock().unwrap(), vec![2 * (head + 4096)]);
         // A WRITE's reply has no data to send after it.
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(IDLE);
         server_writes.lock().unwrap().clear();
         c.write(0, &data[..512], 0).unwrap();
         assert_eq!(server_writes.lock().unwrap().len(), 1);

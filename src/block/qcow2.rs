@@ -773,6 +773,14 @@ impl BlockDriver for Qcow2Driver {
         self.read_only
     }
 
+    /// Unallocated clusters are read from the backing node, which may leave them as they
+    /// were (null-co without read-zeroes).
+    fn fills_read_buffers(&self) -> bool {
+        self.backing
+            .as_ref()
+            .is_none_or(|b| b.driver().fills_read_buffers())
+    }
+
     /// The file's name, unless the backing is not the one the header names:
     /// then the options say more than a filename can.
     fn filename(&self) -> Option<String> {
@@ -1373,6 +1381,29 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err, "Cannot find device='nope' nor node-name='nope'");
+    }
+
+    #[test]
+    fn fills_read_buffers_only_when_its_backing_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("top.qcow2");
+        create_qcow2(&top, None, &[]);
+        for read_zeroes in [false, true] {
+            let opts = serde_json::json!({
+                "driver": "null-co",
+                "size": 1 << 20,
+                "read-zeroes": read_zeroes,
+            });
+            let opts = opts.as_object().unwrap();
+            let ctx = OpenContext::from_options(opts, &no_nodes).unwrap();
+            let null = super::super::open("null-co", opts, &ctx).unwrap();
+            let base = Arc::new(BlockNode::new("base".into(), null));
+            let drv =
+                try_open(&top, true, serde_json::json!({"backing": "base"}), &[base]).unwrap();
+            assert_eq!(drv.fills_read_buffers(), read_zeroes);
+        }
+        let alone = try_open(&top, true, serde_json::json!({}), &[]).unwrap();
+        assert!(alone.fills_read_buffers());
     }
 
     #[test]
