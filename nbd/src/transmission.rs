@@ -1231,8 +1231,8 @@ impl Session {
             None => (bytes, &[][..]),
         };
         let mut writer = lock(&self.writer);
-        if self.write_whole(&mut writer, &[first]) {
-            self.write_whole(&mut writer, &[rest]);
+        if self.write_whole(&mut writer, [first]) {
+            self.write_whole(&mut writer, [rest]);
         }
         batch.clear();
     }
@@ -1242,17 +1242,21 @@ impl Session {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        let all: Vec<&[u8]> = std::iter::once(head).chain(parts.iter().copied()).collect();
-        self.write_whole(&mut lock(&self.writer), &all);
+        let all = std::iter::once(head).chain(parts.iter().copied());
+        self.write_whole(&mut lock(&self.writer), all);
     }
 
     /// Write all of `parts` to `writer` (held under the send lock), gathered into as few
     /// writes as the socket takes. False if the connection broke.
-    fn write_whole(&self, writer: &mut Box<dyn Stream>, parts: &[&[u8]]) -> bool {
+    fn write_whole<'a>(
+        &self,
+        writer: &mut Box<dyn Stream>,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> bool {
         let mut slices: Vec<IoSlice<'_>> = parts
-            .iter()
+            .into_iter()
             .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p))
+            .map(IoSlice::new)
             .collect();
         let mut slices: &mut [IoSlice<'_>] = &mut slices;
         while !slices.is_empty() {
@@ -1667,7 +1671,6 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::{AsFd, BorrowedFd};
     use std::os::unix::net::UnixStream;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
@@ -1700,17 +1703,54 @@ mod tests {
             .collect()
     }
 
-    /// A TCP stream that counts its writes (shared by its clones) and, while `corked` holds
-    /// a buffer, gathers them there instead.
-    struct TestTcp {
-        inner: TcpStream,
-        writes: Arc<AtomicUsize>,
+    /// What [`TestStream`] needs from the socket under it.
+    trait TestSocket: Read + Write + AsFd + Send + Sized + 'static {
+        fn duplicate(&self) -> io::Result<Self>;
+        fn shut_down(&self) -> io::Result<()>;
+        fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
+    }
+
+    impl TestSocket for TcpStream {
+        fn duplicate(&self) -> io::Result<Self> {
+            self.try_clone()
+        }
+
+        fn shut_down(&self) -> io::Result<()> {
+            self.shutdown(std::net::Shutdown::Both)
+        }
+
+        fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+            self.set_read_timeout(timeout)?;
+            self.set_write_timeout(timeout)
+        }
+    }
+
+    impl TestSocket for UnixStream {
+        fn duplicate(&self) -> io::Result<Self> {
+            self.try_clone()
+        }
+
+        fn shut_down(&self) -> io::Result<()> {
+            self.shutdown(std::net::Shutdown::Both)
+        }
+
+        fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+            self.set_read_timeout(timeout)?;
+            self.set_write_timeout(timeout)
+        }
+    }
+
+    /// A socket that records the bytes given to each write (shared by its clones) and,
+    /// while `corked` holds a buffer, gathers its writes there instead.
+    struct TestStream<S> {
+        inner: S,
+        writes: Arc<Mutex<Vec<usize>>>,
         corked: Arc<Mutex<Option<Vec<u8>>>>,
     }
 
-    impl TestTcp {
-        fn new(inner: TcpStream) -> Self {
-            TestTcp {
+    impl<S> TestStream<S> {
+        fn new(inner: S) -> Self {
+            TestStream {
                 inner,
                 writes: Arc::default(),
                 corked: Arc::default(),
@@ -1718,25 +1758,25 @@ mod tests {
         }
     }
 
-    impl Read for TestTcp {
+    impl<S: TestSocket> Read for TestStream<S> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.inner.read(buf)
         }
     }
 
-    impl Write for TestTcp {
+    impl<S: TestSocket> Write for TestStream<S> {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if let Some(held) = self.corked.lock().unwrap().as_mut() {
-                held.extend_from_slice(buf);
-                return Ok(buf.len());
-            }
-            self.writes.fetch_add(1, Ordering::SeqCst);
-            self.inner.write(buf)
+            self.write_vectored(&[IoSlice::new(buf)])
         }
 
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            assert!(self.corked.lock().unwrap().is_none());
-            self.writes.fetch_add(1, Ordering::SeqCst);
+            if let Some(held) = self.corked.lock().unwrap().as_mut() {
+                bufs.iter().for_each(|b| held.extend_from_slice(b));
+                return Ok(bufs.iter().map(|b| b.len()).sum());
+            }
+            // Noted before the bytes can reach the peer, which may check at once.
+            let len = bufs.iter().map(|b| b.len()).sum();
+            self.writes.lock().unwrap().push(len);
             self.inner.write_vectored(bufs)
         }
 
@@ -1745,22 +1785,21 @@ mod tests {
         }
     }
 
-    impl Stream for TestTcp {
+    impl<S: TestSocket> Stream for TestStream<S> {
         fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
-            Ok(Box::new(TestTcp {
-                inner: self.inner.try_clone()?,
+            Ok(Box::new(TestStream {
+                inner: self.inner.duplicate()?,
                 writes: Arc::clone(&self.writes),
                 corked: Arc::clone(&self.corked),
             }))
         }
 
         fn shutdown(&self) -> io::Result<()> {
-            self.inner.shutdown(std::net::Shutdown::Both)
+            self.inner.shut_down()
         }
 
         fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-            self.inner.set_read_timeout(timeout)?;
-            self.inner.set_write_timeout(timeout)
+            self.inner.set_timeouts(timeout)
         }
 
         fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
@@ -1773,7 +1812,7 @@ mod tests {
     /// gather there, and `raw` sends them.
     struct TcpClient {
         c: Client,
-        server_writes: Arc<AtomicUsize>,
+        server_writes: Arc<Mutex<Vec<usize>>>,
         cork: Arc<Mutex<Option<Vec<u8>>>>,
         raw: TcpStream,
     }
@@ -1788,10 +1827,10 @@ mod tests {
             server.add_export(config, backend).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let theirs = TestTcp::new(listener.accept().unwrap().0);
+            let theirs = TestStream::new(listener.accept().unwrap().0);
             let server_writes = Arc::clone(&theirs.writes);
             server.serve_client(Box::new(theirs), Box::new(|| {}));
-            let ours = TestTcp::new(ours);
+            let ours = TestStream::new(ours);
             let (raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
             let c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
             TcpClient {
@@ -1813,7 +1852,7 @@ mod tests {
         /// now on.
         fn send_together(&mut self, send: impl FnOnce(&mut Client)) {
             let burst = self.gather(send);
-            self.server_writes.store(0, Ordering::SeqCst);
+            self.server_writes.lock().unwrap().clear();
             self.raw.write_all(&burst).unwrap();
         }
     }
@@ -1844,7 +1883,7 @@ mod tests {
         cookies.sort_unstable();
         assert_eq!(cookies, vec![first, second]);
         // Both replies in one send.
-        assert_eq!(t.server_writes.load(Ordering::SeqCst), 1);
+        assert_eq!(t.server_writes.lock().unwrap().len(), 1);
     }
 
     #[test]
@@ -2048,74 +2087,6 @@ mod tests {
         assert!(took < Duration::from_millis(800), "{took:?}");
     }
 
-    /// A unix socket that records the bytes given to each write (shared by its clones) and, while
-    /// `corked` holds a buffer, gathers its writes there instead.
-    struct TestUnix {
-        inner: UnixStream,
-        writes: Arc<Mutex<Vec<usize>>>,
-        corked: Arc<Mutex<Option<Vec<u8>>>>,
-    }
-
-    impl TestUnix {
-        fn new(inner: UnixStream) -> Self {
-            TestUnix {
-                inner,
-                writes: Arc::default(),
-                corked: Arc::default(),
-            }
-        }
-    }
-
-    impl Read for TestUnix {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.inner.read(buf)
-        }
-    }
-
-    impl Write for TestUnix {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.write_vectored(&[IoSlice::new(buf)])
-        }
-
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            if let Some(held) = self.corked.lock().unwrap().as_mut() {
-                bufs.iter().for_each(|b| held.extend_from_slice(b));
-                return Ok(bufs.iter().map(|b| b.len()).sum());
-            }
-            // Noted before the bytes can reach the peer, which may check at once.
-            let len = bufs.iter().map(|b| b.len()).sum();
-            self.writes.lock().unwrap().push(len);
-            self.inner.write_vectored(bufs)
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Stream for TestUnix {
-        fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
-            Ok(Box::new(TestUnix {
-                inner: self.inner.try_clone()?,
-                writes: Arc::clone(&self.writes),
-                corked: Arc::clone(&self.corked),
-            }))
-        }
-
-        fn shutdown(&self) -> io::Result<()> {
-            self.inner.shutdown(std::net::Shutdown::Both)
-        }
-
-        fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-            self.inner.set_read_timeout(timeout)?;
-            self.inner.set_write_timeout(timeout)
-        }
-
-        fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
-            Some(self.inner.as_fd())
-        }
-    }
-
     #[test]
     fn a_lone_read_to_a_waiting_client_is_sent_head_first() {
         lone_reads_to_a_waiting_client_are_sent_head_first(Duration::ZERO);
@@ -2139,10 +2110,10 @@ mod tests {
             .add_export(config, Arc::new(MemBackend::new(4 * MIB)))
             .unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let theirs = TestUnix::new(theirs);
+        let theirs = TestStream::new(theirs);
         let server_writes = Arc::clone(&theirs.writes);
         server.serve_client(Box::new(theirs), Box::new(|| {}));
-        let ours = TestUnix::new(ours);
+        let ours = TestStream::new(ours);
         let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
         let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
         let data = pattern(8192, 5);
