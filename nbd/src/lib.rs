@@ -134,6 +134,13 @@ pub trait ExportBackend: Send + Sync {
     fn splice_out(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Send up to `len` bytes at `offset` straight from the file to `socket`, for a READ
+    /// whose reply header is already on it (see [`splice::file_to_socket`]). Returns the
+    /// bytes sent; the server sends the rest, if any, from [`ExportBackend::read_at`].
+    /// Only called when [`ExportBackend::can_splice`] is true.
+    fn send_file(&self, _socket: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<usize> {
+        Ok(0)
+    }
     /// Write the `len` bytes waiting in `pipe` at `offset` (see [`splice::pipe_to_file`]),
     /// as [`ExportBackend::write_at`] would write them. `ErrorKind::Unsupported` means that
     /// nothing was taken from the pipe and the data must go through `write_at`: the backend

@@ -243,6 +243,34 @@ pub(crate) fn send_more(socket: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<(
     Ok(())
 }
 
+/// Send up to `len` bytes of a file at `offset` to a (blocking) socket with sendfile(2):
+/// no pipe and no copy through the server. Returns the bytes sent, fewer than `len` if the
+/// file ends first or an error stops the transfer midway; an error before the first byte is
+/// returned as such.
+pub fn file_to_socket(
+    file: BorrowedFd<'_>,
+    offset: u64,
+    socket: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < len {
+        let mut at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+        // SAFETY: both descriptors are open for the call; sendfile only writes `at`.
+        let n =
+            unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut at, len - done) };
+        match check(n) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
 /// Move exactly `len` bytes waiting in `pipe` to a (blocking) socket.
 pub(crate) fn pipe_to_socket(
     pipe: BorrowedFd<'_>,

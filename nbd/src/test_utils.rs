@@ -280,13 +280,14 @@ impl ExportBackend for MemBackend {
 
 /// A file as an export of a given size, with zero-copy reads and writes (the file may be
 /// shorter than the export: reads past its end return zeroes and are not spliced). Counts
-/// the requests that took the splice path and records the size of every write (or spliced
+/// the requests that took the splice path (and the bytes sent with sendfile) and records the size of every write (or spliced
 /// piece of one).
 pub struct FileBackend {
     file: File,
     size: u64,
     spliced_out: AtomicUsize,
     spliced_in: AtomicUsize,
+    sent_from_file: AtomicUsize,
     copy_writes: AtomicBool,
     write_sizes: Mutex<Vec<usize>>,
 }
@@ -298,6 +299,7 @@ impl FileBackend {
             size,
             spliced_out: AtomicUsize::new(0),
             spliced_in: AtomicUsize::new(0),
+            sent_from_file: AtomicUsize::new(0),
             copy_writes: AtomicBool::new(false),
             write_sizes: Mutex::new(Vec::new()),
         }
@@ -316,6 +318,11 @@ impl FileBackend {
     /// WRITE pieces spliced into the file so far.
     pub fn spliced_in(&self) -> usize {
         self.spliced_in.load(Ordering::SeqCst)
+    }
+
+    /// READ payload bytes sent straight from the file to the socket so far.
+    pub fn sent_from_file(&self) -> usize {
+        self.sent_from_file.load(Ordering::SeqCst)
     }
 
     /// Refuse spliced writes from now on, as a backend that looks at its data does.
@@ -380,6 +387,12 @@ impl ExportBackend for FileBackend {
         splice::file_to_pipe(self.file.as_fd(), offset, pipe, len)?;
         self.spliced_out.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn send_file(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        let sent = splice::file_to_socket(self.file.as_fd(), offset, socket, len)?;
+        self.sent_from_file.fetch_add(sent, Ordering::SeqCst);
+        Ok(sent)
     }
 
     fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {

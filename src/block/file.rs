@@ -730,6 +730,13 @@ impl BlockDriver for FileDriver {
         nbd::splice::file_to_pipe(self.fd.as_fd(), offset, pipe, len)
     }
 
+    fn send_file(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        if !self.can_splice() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        nbd::splice::file_to_socket(self.fd.as_fd(), offset, socket, len)
+    }
+
     fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         if !self.can_splice() {
             return Err(io::ErrorKind::Unsupported.into());

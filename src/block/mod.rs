@@ -129,14 +129,20 @@ pub trait BlockDriver: Send + Sync {
     fn fills_read_buffers(&self) -> bool {
         true
     }
-    /// Whether [`BlockDriver::splice_read`] works: the node's bytes are a plain range of a
-    /// file in the page cache.
+    /// Whether [`BlockDriver::splice_read`] and [`BlockDriver::send_file`] work: the node's
+    /// bytes are a plain range of a file in the page cache.
     fn can_splice(&self) -> bool {
         false
     }
     /// Moves `len` bytes at `offset` into `pipe`, which has room for them, without copying
     /// them through user memory (splice(2)).
     fn splice_read(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Sends up to `len` bytes at `offset` to `socket` without copying them through user
+    /// memory (sendfile(2)); returns how many went (see [`nbd::splice::file_to_socket`]).
+    /// Works when [`BlockDriver::can_splice`] does.
+    fn send_file(&self, _socket: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Writes the `len` bytes waiting in `pipe` (its read end) at `offset`, as

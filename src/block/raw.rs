@@ -168,6 +168,11 @@ impl BlockDriver for RawDriver {
         self.child.driver().splice_read(pipe, at, len)
     }
 
+    fn send_file(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        let at = self.translate(offset, len as u64)?;
+        self.child.driver().send_file(socket, at, len)
+    }
+
     fn splice_write(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         self.refuse_if_read_only()?;
         let at = self.translate(offset, len as u64)?;
@@ -399,6 +404,31 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
         from.read_exact(&mut left).unwrap();
         assert_eq!(left, [0; 512], "the pipe is as it was");
+    }
+
+    #[test]
+    fn reads_sent_from_the_file_come_from_the_window() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let (mut graph, _img) = graph_with_file(json!({}));
+        let raw = graph.add(
+            "r0",
+            json!({"driver": "raw", "file": "f0", "offset": 1024, "size": 4096}),
+        );
+        let drv = raw.driver();
+        assert!(drv.can_splice());
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(drv.send_file(ours.as_fd(), 4000, 96).unwrap(), 96);
+        let mut got = [0u8; 96];
+        theirs.read_exact(&mut got).unwrap();
+        let want: Vec<u8> = (5024..5120u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(got[..], want[..]);
+        // Past the window's end: refused as a copied read is, nothing sent.
+        let err = drv.send_file(ours.as_fd(), 4000, 97).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        theirs.set_nonblocking(true).unwrap();
+        let unsent = theirs.read(&mut got).unwrap_err();
+        assert_eq!(unsent.kind(), std::io::ErrorKind::WouldBlock);
     }
 
     #[test]

@@ -99,6 +99,10 @@ impl nbd::ExportBackend for NodeDisk {
         self.node.driver().splice_read(pipe, offset, len)
     }
 
+    fn send_file(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        self.node.driver().send_file(socket, offset, len)
+    }
+
     fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         self.node.splice_write(pipe, offset, len)?;
         self.after_write(false)
