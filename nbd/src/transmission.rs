@@ -129,7 +129,8 @@ struct Batch {
     /// client that seemed asleep (see [`Session::flush_batch`]).
     lone_read_data: Option<usize>,
     /// Whether the client seemed asleep when the request being served was read: the
-    /// reader waited at least [`CLIENT_ASLEEP`] for it, and nothing came after it.
+    /// reader waited at least [`CLIENT_ASLEEP`] for it, nothing came after it, and no
+    /// other request is being served (so a reply sent at once holds up no other).
     client_asleep: bool,
 }
 
@@ -410,8 +411,6 @@ pub(crate) fn run(
                 break;
             }
         };
-        batch.client_asleep =
-            waiting_since.elapsed() >= CLIENT_ASLEEP && reader.buffer().len() == buffered;
         let cheap = is_cheap(&request.header, session.splicing.load(Ordering::Relaxed));
         if cheap {
             let slow = session.slow_history.load(Ordering::Relaxed).count_ones();
@@ -428,6 +427,7 @@ pub(crate) fn run(
         // Alone (nothing running, nothing more queued), a request gains nothing from a
         // hand-off.
         let alone = reader.buffer().len() == buffered && in_flight.idle();
+        batch.client_asleep = alone && waiting_since.elapsed() >= CLIENT_ASLEEP;
         if alone || (inline && cheap) {
             if !cheap {
                 // It may wait for the disk: earlier replies must not wait with it.
