@@ -1736,7 +1736,7 @@ mod tests {
     use crate::client::Client;
     use crate::proto;
     use crate::test_utils::{FileBackend, MemBackend};
-    use crate::{ExportConfig, Server, ServerConfig, Stream};
+    use crate::{ExportBackend, ExportConfig, Server, ServerConfig, Stream};
 
     const MIB: u64 = 1024 * 1024;
 
@@ -1760,6 +1760,10 @@ mod tests {
             .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
             .collect()
     }
+
+    /// How long a test client idles before a request, as at QD1: long enough for the
+    /// server to be waiting however loaded the machine.
+    const IDLE: Duration = Duration::from_millis(20);
 
     /// What [`TestStream`] needs from the socket under it.
     trait TestSocket: Read + Write + AsFd + Send + Sized + 'static {
@@ -1865,33 +1869,48 @@ mod tests {
         }
     }
 
-    /// A client over TCP to a server on `backend`; with the server's count of writes, and a
+    /// A client to a server on one export "e"; with the server's count of writes, and a
     /// way to send several requests in one write: while the cork holds a buffer, requests
     /// gather there, and `raw` sends them.
-    struct TcpClient {
+    struct RecordedClient<S> {
         c: Client,
         server_writes: Arc<Mutex<Vec<usize>>>,
         cork: Arc<Mutex<Option<Vec<u8>>>>,
-        raw: TcpStream,
+        raw: S,
     }
 
-    impl TcpClient {
-        fn connect(backend: Arc<MemBackend>) -> Self {
+    impl RecordedClient<TcpStream> {
+        fn over_tcp(backend: Arc<dyn ExportBackend>) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let theirs = listener.accept().unwrap().0;
+            Self::serve(backend, Duration::ZERO, ours, theirs)
+        }
+    }
+
+    impl RecordedClient<UnixStream> {
+        fn over_unix(backend: Arc<dyn ExportBackend>, poll_max: Duration) -> Self {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            Self::serve(backend, poll_max, ours, theirs)
+        }
+    }
+
+    impl<S: TestSocket> RecordedClient<S> {
+        fn serve(backend: Arc<dyn ExportBackend>, poll_max: Duration, ours: S, theirs: S) -> Self {
             let server = Server::new(ServerConfig::default());
             let config = ExportConfig {
                 name: "e".into(),
+                poll_max,
                 ..ExportConfig::default()
             };
             server.add_export(config, backend).unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let theirs = TestStream::new(listener.accept().unwrap().0);
+            let theirs = TestStream::new(theirs);
             let server_writes = Arc::clone(&theirs.writes);
             server.serve_client(Box::new(theirs), Box::new(|| {}));
             let ours = TestStream::new(ours);
-            let (raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
+            let (raw, cork) = (ours.inner.duplicate().unwrap(), Arc::clone(&ours.corked));
             let c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
-            TcpClient {
+            RecordedClient {
                 c,
                 server_writes,
                 cork,
@@ -1913,12 +1932,33 @@ mod tests {
             self.server_writes.lock().unwrap().clear();
             self.raw.write_all(&burst).unwrap();
         }
+
+        /// The server's writes so far.
+        fn writes(&self) -> Vec<usize> {
+            self.server_writes.lock().unwrap().clone()
+        }
+
+        /// Two reads of `data`'s first 8 KiB that arrive together are answered together,
+        /// in one write.
+        fn check_reads_together_answered_together(&mut self, data: &[u8]) {
+            let mut first = 0;
+            self.send_together(|c| {
+                first = c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
+                c.send_request(0, proto::CMD_READ, 4096, 4096, &[]).unwrap();
+            });
+            for _ in 0..2 {
+                let r = self.c.receive_reply().unwrap();
+                let at = if r.cookie == first { 0 } else { 4096 };
+                assert_eq!(r.data, &data[at..at + 4096]);
+            }
+            assert_eq!(self.writes(), vec![2 * (20 + 8 + 4096)]);
+        }
     }
 
     #[test]
     fn small_replies_wait_for_requests_already_queued_over_tcp() {
         let backend = Arc::new(MemBackend::new(4 * MIB));
-        let mut t = TcpClient::connect(Arc::clone(&backend));
+        let mut t = RecordedClient::over_tcp(backend.clone());
         let data = pattern(100 * 1024, 3);
         // After a payload this large the server reads the next header straight from the
         // socket, never more.
@@ -1947,7 +1987,7 @@ mod tests {
     #[test]
     fn replies_do_not_wait_for_a_request_still_arriving() {
         let backend = Arc::new(MemBackend::new(4 * MIB));
-        let mut t = TcpClient::connect(Arc::clone(&backend));
+        let mut t = RecordedClient::over_tcp(backend.clone());
         let data = pattern(100 * 1024, 4);
         t.c.write(0, &data, 0).unwrap();
         // The first READ whole, but only the start of the second one's header.
@@ -1975,7 +2015,7 @@ mod tests {
     fn replies_do_not_wait_for_a_slow_request_served_after_them() {
         let delay = Duration::from_secs(1);
         let backend = Arc::new(MemBackend::new(4 * MIB).with_flush_delay(delay));
-        let mut t = TcpClient::connect(Arc::clone(&backend));
+        let mut t = RecordedClient::over_tcp(backend.clone());
         let data = pattern(4096, 9);
         // Read together: the WRITE is served, then the FLUSH, which waits for the disk.
         let (mut write, mut flush) = (0, 0);
@@ -2156,77 +2196,36 @@ mod tests {
     }
 
     fn lone_reads_to_a_waiting_client_are_sent_head_first(poll_max: Duration) {
-        // Long enough for the server to be waiting however loaded the machine.
-        const IDLE: Duration = Duration::from_millis(20);
-        let server = Server::new(ServerConfig::default());
-        let config = ExportConfig {
-            name: "e".into(),
-            poll_max,
-            ..ExportConfig::default()
-        };
-        server
-            .add_export(config, Arc::new(MemBackend::new(4 * MIB)))
-            .unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let theirs = TestStream::new(theirs);
-        let server_writes = Arc::clone(&theirs.writes);
-        server.serve_client(Box::new(theirs), Box::new(|| {}));
-        let ours = TestStream::new(ours);
-        let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
-        let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+        let backend = Arc::new(MemBackend::new(4 * MIB));
+        let mut t = RecordedClient::over_unix(backend, poll_max);
         let data = pattern(8192, 5);
-        c.write(0, &data, 0).unwrap();
+        t.c.write(0, &data, 0).unwrap();
         let head = 20 + 8; // structured reply chunk header, then the offset
         for len in [1, 4096, 8192] {
             // The client idles before each request, as at QD1.
             std::thread::sleep(IDLE);
-            server_writes.lock().unwrap().clear();
-            assert_eq!(c.read(0, len as u32, 0).unwrap(), &data[..len]);
-            assert_eq!(*server_writes.lock().unwrap(), vec![head, len]);
+            t.server_writes.lock().unwrap().clear();
+            assert_eq!(t.c.read(0, len as u32, 0).unwrap(), &data[..len]);
+            assert_eq!(t.writes(), vec![head, len]);
         }
-        // Requests that arrive together are answered together.
         std::thread::sleep(IDLE);
-        *cork.lock().unwrap() = Some(Vec::new());
-        let first = c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
-        c.send_request(0, proto::CMD_READ, 4096, 4096, &[]).unwrap();
-        let burst = cork.lock().unwrap().take().unwrap();
-        server_writes.lock().unwrap().clear();
-        raw.write_all(&burst).unwrap();
-        for _ in 0..2 {
-            let r = c.receive_reply().unwrap();
-            let at = if r.cookie == first { 0 } else { 4096 };
-            assert_eq!(r.data, &data[at..at + 4096]);
-        }
-        assert_eq!(*server_writes.lock().unwrap(), vec![2 * (head + 4096)]);
+        t.check_reads_together_answered_together(&data);
         // A WRITE's reply has no data to send after it.
         std::thread::sleep(IDLE);
-        server_writes.lock().unwrap().clear();
-        c.write(0, &data[..512], 0).unwrap();
-        assert_eq!(server_writes.lock().unwrap().len(), 1);
+        t.server_writes.lock().unwrap().clear();
+        t.c.write(0, &data[..512], 0).unwrap();
+        assert_eq!(t.writes().len(), 1);
     }
 
     #[test]
     fn a_lone_read_to_a_waiting_client_is_sent_from_the_file() {
-        const IDLE: Duration = Duration::from_millis(20);
         // The file ends before the export does: past its end, reads are zeroes.
         let file_len = 64 * 1024;
         let data = pattern(file_len, 9);
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&data, 0).unwrap();
         let backend = Arc::new(FileBackend::new(file, 4 * MIB));
-        let server = Server::new(ServerConfig::default());
-        let config = ExportConfig {
-            name: "e".into(),
-            ..ExportConfig::default()
-        };
-        server.add_export(config, backend.clone()).unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let theirs = TestStream::new(theirs);
-        let server_writes = Arc::clone(&theirs.writes);
-        server.serve_client(Box::new(theirs), Box::new(|| {}));
-        let ours = TestStream::new(ours);
-        let (mut raw, cork) = (ours.inner.try_clone().unwrap(), Arc::clone(&ours.corked));
-        let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+        let mut t = RecordedClient::over_unix(backend.clone(), Duration::ZERO);
         let head = 20 + 8;
         let mut expected_from_file = 0;
         // (offset, length, bytes the file holds there)
@@ -2237,8 +2236,8 @@ mod tests {
             (MIB as usize, 4096, 0),
         ] {
             std::thread::sleep(IDLE);
-            server_writes.lock().unwrap().clear();
-            let got = c.read(offset as u64, len as u32, 0).unwrap();
+            t.server_writes.lock().unwrap().clear();
+            let got = t.c.read(offset as u64, len as u32, 0).unwrap();
             let mut want = vec![0u8; len];
             want[..in_file].copy_from_slice(&data[offset.min(file_len)..][..in_file]);
             assert_eq!(got, want, "read of {len} at {offset}");
@@ -2249,29 +2248,18 @@ mod tests {
             if in_file < len {
                 writes.push(len - in_file);
             }
-            assert_eq!(*server_writes.lock().unwrap(), writes, "read at {offset}");
+            assert_eq!(t.writes(), writes, "read at {offset}");
         }
         // Reads that arrive together are still answered together, from the batch.
         std::thread::sleep(IDLE);
-        *cork.lock().unwrap() = Some(Vec::new());
-        let first = c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
-        c.send_request(0, proto::CMD_READ, 4096, 4096, &[]).unwrap();
-        let burst = cork.lock().unwrap().take().unwrap();
-        server_writes.lock().unwrap().clear();
-        raw.write_all(&burst).unwrap();
-        for _ in 0..2 {
-            let r = c.receive_reply().unwrap();
-            let at = if r.cookie == first { 0 } else { 4096 };
-            assert_eq!(r.data, &data[at..at + 4096]);
-        }
+        t.check_reads_together_answered_together(&data);
         assert_eq!(backend.sent_from_file(), expected_from_file);
-        assert_eq!(*server_writes.lock().unwrap(), vec![2 * (head + 4096)]);
     }
 
     /// A disk whose reads all fail, and that would send them straight from its file.
     struct FailingDisk;
 
-    impl crate::ExportBackend for FailingDisk {
+    impl ExportBackend for FailingDisk {
         fn size(&self) -> u64 {
             MIB
         }
@@ -2313,7 +2301,7 @@ mod tests {
         };
         let mut other = connect();
         let mut c = connect();
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(IDLE);
         // The head is already out when the read fails: nothing can follow it but the end.
         assert!(c.read(0, 4096, 0).is_err());
         assert!(c.flush().is_err(), "the connection was closed");
