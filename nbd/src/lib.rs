@@ -121,10 +121,11 @@ pub trait ExportBackend: Send + Sync {
         may_trim: bool,
         fast_only: bool,
     ) -> io::Result<()>;
-    /// Whether [`ExportBackend::splice_out`] works: the export's bytes are a plain file
-    /// range in the page cache. Then large READ payloads go from the file to the socket
-    /// without being copied through the server, and large WRITE payloads are written piece
-    /// by piece as they arrive (spliced too, unless [`ExportBackend::splice_in`] refuses).
+    /// Whether [`ExportBackend::splice_out`] and [`ExportBackend::send_file`] work: the
+    /// export's bytes are a plain file range in the page cache. Then large READ payloads go
+    /// from the file to the socket without being copied through the server, and so do lone
+    /// small ones over unix sockets; large WRITE payloads are written piece by piece as they
+    /// arrive (spliced too, unless [`ExportBackend::splice_in`] refuses).
     fn can_splice(&self) -> bool {
         false
     }
@@ -135,11 +136,14 @@ pub trait ExportBackend: Send + Sync {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Send up to `len` bytes at `offset` straight from the file to `socket`, for a READ
-    /// whose reply header is already on it (see [`splice::file_to_socket`]). Returns the
-    /// bytes sent; the server sends the rest, if any, from [`ExportBackend::read_at`].
-    /// Only called when [`ExportBackend::can_splice`] is true.
+    /// whose reply header is already on it (see [`splice::file_to_socket`]). `Ok(n)`: exactly
+    /// `n` bytes were sent, and the server sends the rest from [`ExportBackend::read_at`];
+    /// an error means that nothing was. The server calls it only while
+    /// [`ExportBackend::can_splice`] is true and the range is inside
+    /// [`ExportBackend::size`]; a failure after that ends the connection, since the reply
+    /// has begun.
     fn send_file(&self, _socket: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<usize> {
-        Ok(0)
+        Err(io::ErrorKind::Unsupported.into())
     }
     /// Write the `len` bytes waiting in `pipe` at `offset` (see [`splice::pipe_to_file`]),
     /// as [`ExportBackend::write_at`] would write them. `ErrorKind::Unsupported` means that

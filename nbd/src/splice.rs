@@ -253,10 +253,14 @@ pub fn file_to_socket(
     socket: BorrowedFd<'_>,
     len: usize,
 ) -> io::Result<usize> {
+    let end = offset.checked_add(len as u64);
+    if end.is_none_or(|end| libc::off_t::try_from(end).is_err()) {
+        return Err(ErrorKind::InvalidInput.into());
+    }
     let mut done = 0;
     while done < len {
-        let mut at = libc::off_t::try_from(offset + done as u64)
-            .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+        // In range: checked above.
+        let mut at = (offset + done as u64) as libc::off_t;
         // SAFETY: both descriptors are open for the call; sendfile only writes `at`.
         let n =
             unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut at, len - done) };
@@ -265,7 +269,10 @@ pub fn file_to_socket(
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if done == 0 => return Err(e),
-            Err(_) => break,
+            Err(e) => {
+                log::debug!("sendfile stopped after {done} of {len} bytes: {e}");
+                break;
+            }
         }
     }
     Ok(done)

@@ -390,9 +390,12 @@ impl ExportBackend for FileBackend {
     }
 
     fn send_file(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
-        let sent = splice::file_to_socket(self.file.as_fd(), offset, socket, len)?;
-        self.sent_from_file.fetch_add(sent, Ordering::SeqCst);
-        Ok(sent)
+        // Counted before the bytes can reach the peer, which may check at once.
+        self.sent_from_file.fetch_add(len, Ordering::SeqCst);
+        let result = splice::file_to_socket(self.file.as_fd(), offset, socket, len);
+        let unsent = len - *result.as_ref().unwrap_or(&0);
+        self.sent_from_file.fetch_sub(unsent, Ordering::SeqCst);
+        result
     }
 
     fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {

@@ -1376,7 +1376,9 @@ impl Session {
         let sink = match sink {
             Sink::Batch(batch) if segments.is_none() && len <= BATCH_COPY_MAX => {
                 if self.sends_file && batch.is_empty() && batch.client_asleep {
-                    return self.send_lone_read(h, start);
+                    if let Some(busy) = self.send_lone_read(h, start) {
+                        return busy;
+                    }
                 }
                 return self.read_into_batch(batch, h, start);
             }
@@ -1437,13 +1439,24 @@ impl Session {
     /// reads per CPU-second on the test VM). Whatever the file did not send is read and
     /// sent; if that read fails, the reply cannot be finished or turned into an error, and
     /// the connection is closed.
-    fn send_lone_read(&self, h: &RequestHeader, start: Instant) -> Duration {
+    ///
+    /// `None` (nothing sent) when the backend cannot send this range from its file now: it
+    /// no longer splices, or the range is past its end (a node that follows a file which
+    /// shrank). Then the read is served the usual way, and its error replied.
+    fn send_lone_read(&self, h: &RequestHeader, start: Instant) -> Option<Duration> {
         let len = h.length as usize;
+        let backend = &self.export.backend;
+        if !backend.can_splice() || h.offset + h.length > backend.size() {
+            return None;
+        }
         let (head, n) = self.data_reply_head(h);
         let mut writer = lock(&self.writer);
+        // The time spent on the backend, as for other reads: not the header's send.
+        let mut busy = start.elapsed();
         if !self.write_whole(&mut writer, [&head[..n]]) {
-            return start.elapsed();
+            return Some(busy);
         }
+        let reading = Instant::now();
         let sent = match writer.plain_socket() {
             Some(socket) => match self.export.backend.send_file(socket, h.offset, len) {
                 Ok(sent) => sent.min(len),
@@ -1462,7 +1475,10 @@ impl Session {
                 .read_at(&mut rest, h.offset + sent as u64)
             {
                 Ok(()) => {
+                    busy += reading.elapsed();
                     self.write_whole(&mut writer, [&rest[..]]);
+                    self.give_buffer(rest);
+                    return Some(busy);
                 }
                 Err(e) => {
                     warn!(
@@ -1475,7 +1491,7 @@ impl Session {
             }
             self.give_buffer(rest);
         }
-        start.elapsed()
+        Some(busy + reading.elapsed())
     }
 
     /// What goes before a READ's data sent whole in one reply: the simple reply, or the
@@ -2256,12 +2272,21 @@ mod tests {
         assert_eq!(backend.sent_from_file(), expected_from_file);
     }
 
-    /// A disk whose reads all fail, and that would send them straight from its file.
-    struct FailingDisk;
+    /// A disk whose reads all fail, and that would send them straight from its file; its
+    /// size can shrink under its clients.
+    struct FailingDisk {
+        size: std::sync::atomic::AtomicU64,
+    }
+
+    impl FailingDisk {
+        fn new() -> Self {
+            FailingDisk { size: MIB.into() }
+        }
+    }
 
     impl ExportBackend for FailingDisk {
         fn size(&self) -> u64 {
-            MIB
+            self.size.load(std::sync::atomic::Ordering::SeqCst)
         }
         fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
             Err(io::Error::from_raw_os_error(libc::EIO))
@@ -2287,13 +2312,58 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_read_past_a_shrunk_end_gets_its_error_reply() {
+        let disk = Arc::new(FailingDisk::new());
+        let mut t = RecordedClient::over_unix(disk.clone(), Duration::ZERO);
+        disk.size.store(0, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(IDLE);
+        // Known before the reply begins: an error reply, and the connection goes on.
+        let err = t.c.read(0, 4096, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::Error::Command {
+                    errno: proto::EIO,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        t.c.flush().unwrap();
+    }
+
+    #[test]
+    fn a_lone_read_while_another_request_is_served_is_sent_whole() {
+        let backend = Arc::new(MemBackend::new(MIB).with_flush_delay(Duration::from_millis(200)));
+        let mut t = RecordedClient::over_unix(backend, Duration::ZERO);
+        // Sent together, so that the flush goes to a pool worker.
+        let mut flush = 0;
+        t.send_together(|c| {
+            flush = c.send_request(0, proto::CMD_FLUSH, 0, 0, &[]).unwrap();
+            c.send_request(0, proto::CMD_WRITE, 0, 512, &[1; 512])
+                .unwrap();
+        });
+        assert_ne!(t.c.receive_reply().unwrap().cookie, flush);
+        std::thread::sleep(IDLE);
+        t.server_writes.lock().unwrap().clear();
+        let read = t.c.send_request(0, proto::CMD_READ, 0, 4096, &[]).unwrap();
+        let r = t.c.receive_reply().unwrap();
+        assert_eq!(r.cookie, read, "the read is answered while the flush runs");
+        // Not head first: a pool worker may be waiting for the send lock.
+        assert_eq!(t.writes(), vec![20 + 8 + 4096]);
+        assert_eq!(t.c.receive_reply().unwrap().cookie, flush);
+    }
+
+    #[test]
     fn a_read_that_fails_after_its_reply_began_closes_only_its_connection() {
         let server = Server::new(ServerConfig::default());
         let config = ExportConfig {
             name: "e".into(),
             ..ExportConfig::default()
         };
-        server.add_export(config, Arc::new(FailingDisk)).unwrap();
+        server
+            .add_export(config, Arc::new(FailingDisk::new()))
+            .unwrap();
         let connect = || {
             let (ours, theirs) = UnixStream::pair().unwrap();
             server.serve_client(Box::new(theirs), Box::new(|| {}));
