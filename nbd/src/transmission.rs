@@ -2315,6 +2315,8 @@ mod tests {
     fn a_lone_read_past_a_shrunk_end_gets_its_error_reply() {
         let disk = Arc::new(FailingDisk::new());
         let mut t = RecordedClient::over_unix(disk.clone(), Duration::ZERO);
+        // Answered once the connection serves requests, with the size it started with.
+        t.c.write(0, &[1; 512], 0).unwrap();
         disk.size.store(0, std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(IDLE);
         // Known before the reply begins: an error reply, and the connection goes on.
