@@ -209,11 +209,9 @@ struct Session {
     /// costs a trip through the network stack (see [`HOLD_MAX_BYTES`], [`TCP_PIECE`]).
     tcp: bool,
     /// Whether a lone READ reply to a client that seemed asleep is sent head first (see
-    /// [`Session::flush_batch`]): on plain sockets other than TCP.
+    /// [`Session::flush_batch`]), and from the file when the backend splices (see
+    /// [`Session::send_lone_read`]): on plain sockets other than TCP.
     head_first: bool,
-    /// Whether such a reply's data goes straight from the file (see
-    /// [`Session::send_lone_read`]): when it is sent head first and the backend can splice.
-    sends_file: bool,
 }
 
 struct InFlight {
@@ -293,8 +291,7 @@ pub(crate) fn run(
     };
     let size = export.backend.size();
     let plain = writer.plain_socket().is_some();
-    let can_splice = export.backend.can_splice();
-    let splicing = can_splice && plain;
+    let splicing = export.backend.can_splice() && plain;
     let tcp = match writer.plain_socket() {
         Some(socket) if is_tcp(socket) => {
             if let Err(e) = limit_unsent(socket) {
@@ -321,7 +318,6 @@ pub(crate) fn run(
         slow_history: AtomicU64::new(0),
         tcp,
         head_first: plain && !tcp,
-        sends_file: plain && !tcp && can_splice,
     });
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
@@ -1375,7 +1371,7 @@ impl Session {
         }
         let sink = match sink {
             Sink::Batch(batch) if segments.is_none() && len <= BATCH_COPY_MAX => {
-                if self.sends_file && batch.is_empty() && batch.client_asleep {
+                if self.head_first && batch.is_empty() && batch.client_asleep {
                     if let Some(busy) = self.send_lone_read(h, start) {
                         return busy;
                     }
@@ -1458,7 +1454,7 @@ impl Session {
         }
         let reading = Instant::now();
         let sent = match writer.plain_socket() {
-            Some(socket) => match self.export.backend.send_file(socket, h.offset, len) {
+            Some(socket) => match backend.send_file(socket, h.offset, len) {
                 Ok(sent) => sent.min(len),
                 Err(e) => {
                     debug!("NBD client {}: read not sent from the file: {e}", self.id);
@@ -1469,16 +1465,11 @@ impl Session {
         };
         if sent < len {
             let mut rest = self.take_buffer(len - sent);
-            match self
-                .export
-                .backend
-                .read_at(&mut rest, h.offset + sent as u64)
-            {
+            let result = backend.read_at(&mut rest, h.offset + sent as u64);
+            busy += reading.elapsed();
+            match result {
                 Ok(()) => {
-                    busy += reading.elapsed();
                     self.write_whole(&mut writer, [&rest[..]]);
-                    self.give_buffer(rest);
-                    return Some(busy);
                 }
                 Err(e) => {
                     warn!(
@@ -1490,6 +1481,7 @@ impl Session {
                 }
             }
             self.give_buffer(rest);
+            return Some(busy);
         }
         Some(busy + reading.elapsed())
     }
@@ -1788,35 +1780,27 @@ mod tests {
         fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
     }
 
-    impl TestSocket for TcpStream {
-        fn duplicate(&self) -> io::Result<Self> {
-            self.try_clone()
-        }
+    /// TCP and unix streams have the same inherent methods, but no trait for them.
+    macro_rules! impl_test_socket {
+        ($($socket:ty),*) => {$(
+            impl TestSocket for $socket {
+                fn duplicate(&self) -> io::Result<Self> {
+                    self.try_clone()
+                }
 
-        fn shut_down(&self) -> io::Result<()> {
-            self.shutdown(std::net::Shutdown::Both)
-        }
+                fn shut_down(&self) -> io::Result<()> {
+                    self.shutdown(std::net::Shutdown::Both)
+                }
 
-        fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
-            self.set_read_timeout(timeout)?;
-            self.set_write_timeout(timeout)
-        }
+                fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+                    self.set_read_timeout(timeout)?;
+                    self.set_write_timeout(timeout)
+                }
+            }
+        )*};
     }
 
-    impl TestSocket for UnixStream {
-        fn duplicate(&self) -> io::Result<Self> {
-            self.try_clone()
-        }
-
-        fn shut_down(&self) -> io::Result<()> {
-            self.shutdown(std::net::Shutdown::Both)
-        }
-
-        fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
-            self.set_read_timeout(timeout)?;
-            self.set_write_timeout(timeout)
-        }
-    }
+    impl_test_socket!(TcpStream, UnixStream);
 
     /// A socket that records the bytes given to each write (shared by its clones) and,
     /// while `corked` holds a buffer, gathers its writes there instead.
