@@ -541,15 +541,30 @@ fn is_on(value: &Value) -> bool {
 }
 
 /// Binds a unix socket, replacing a stale socket file left by an earlier run.
+/// The socket is bound under a temporary name beside `path` and renamed into
+/// place once it listens, so a client that waits for `path` to appear is never
+/// refused (binding in place leaves the file unconnectable until `listen`).
 pub fn bind_unix(path: &str) -> Result<UnixListener, String> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
+    use std::os::unix::fs::FileTypeExt;
+    let failed =
+        |e: &io::Error| format!("Failed to bind socket to {path}: {}", crate::errno_text(e));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
             let _ = std::fs::remove_file(path);
         }
+        // Anything else there makes the bind fail; renaming over it must not replace it.
+        Ok(_) => return Err(failed(&io::Error::from_raw_os_error(libc::EADDRINUSE))),
+        Err(_) => {}
     }
-    UnixListener::bind(path)
-        .map_err(|e| format!("Failed to bind socket to {path}: {}", crate::errno_text(&e)))
+    let staged = format!("{path}.{}.new", std::process::id());
+    if let Ok(listener) = UnixListener::bind(&staged) {
+        if std::fs::rename(&staged, path).is_ok() {
+            return Ok(listener);
+        }
+        let _ = std::fs::remove_file(&staged);
+    }
+    // The staged name did not fit (socket paths are short) or could not be moved.
+    UnixListener::bind(path).map_err(|e| failed(&e))
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this (and every later) thread and
@@ -572,5 +587,35 @@ fn block_signals_into_fd() -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind_unix;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_bound_socket_appears_listening_and_replaces_only_stale_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let path = path.to_str().unwrap();
+        let first = bind_unix(path).unwrap();
+        UnixStream::connect(path).unwrap();
+        drop(first);
+        // A stale socket is replaced, and the staged name is gone.
+        let _second = bind_unix(path).unwrap();
+        UnixStream::connect(path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"]);
+        // Any other file is left alone, with bind's own error.
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = bind_unix(file.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("Address already in use"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     }
 }
