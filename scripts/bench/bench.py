@@ -410,19 +410,49 @@ def summarise(cases, runs):
                     # >1 means faster than the best peer.
                     row[f"{m}_ratio"] = best / row[m] if row[m] else None
             row["best_peer"] = max(peers, key=lambda p: p["iops"])["server"] if peers else None
+            for m in ("iops", "work_per_cpu_s"):
+                row[f"{m}_ratio_range"] = round_ratio_range(runs, case.id, row["server"], m)
         summary.extend(rows)
     return summary
+
+
+def round_ratio_range(runs, case_id, server, metric):
+    """The lowest and highest of `server`'s per-round ratios to the best
+    peer of the same round (runs of one round are back to back, so each
+    ratio sees the machine in one state): how far a median ratio can be
+    trusted on a noisy host. None without two such rounds."""
+    by_round = {}
+    for r in runs:
+        if r["case"] == case_id and "error" not in r and r.get(metric):
+            by_round.setdefault(r["round"], {})[r["server"]] = r[metric]
+    ratios = []
+    for values in by_round.values():
+        peers = [v for name, v in values.items() if name != "blkd"] or list(values.values())
+        if server in values and peers:
+            ratios.append(values[server] / max(peers))
+    return [min(ratios), max(ratios)] if len(ratios) >= 2 else None
 
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def fmt_range(r):
+    return "-" if r is None else f"{r[0]:.2f}-{r[1]:.2f}"
+
+
+def tsv_cell(v):
+    if v is None:
+        return ""
+    return fmt_range(v) if isinstance(v, list) else str(v)
+
+
 def table(summary):
     width = max([9] + [len(r["server"]) for r in summary])
     head = (
         f"{'case':34} {'server':{width}} {'IOPS':>9} {'MiB/s':>8} {'lat us':>8} {'p99 us':>8} "
-        f"{'srv CPU%':>8} {'work/CPU-s':>12} {'CPU cost':>12} {'xIOPS':>6} {'xLAT':>6} {'xWORK':>6}"
+        f"{'srv CPU%':>8} {'work/CPU-s':>12} {'CPU cost':>12} {'xIOPS':>6} {'xLAT':>6} {'xWORK':>6} "
+        f"{'xIOPS range':>11} {'xWORK range':>11}"
     )
     lines = [head, "-" * len(head)]
     last = None
@@ -438,12 +468,17 @@ def table(summary):
             f"{r['case']:34} {r['server']:{width}} {fmt(r['iops'], '9.0f')} {fmt(r['mib_s'], '8.1f')} "
             f"{fmt(r['lat_mean_us'], '8.1f')} {fmt(r['lat_p99_us'], '8.1f')} "
             f"{fmt(r['server_cpu_pct'], '8.1f')} {work:>12} {cost:>12} {fmt(r['iops_ratio'], '6.2f')} "
-            f"{fmt(r['lat_mean_us_ratio'], '6.2f')} {fmt(r['work_per_cpu_s_ratio'], '6.2f')}{note}"
+            f"{fmt(r['lat_mean_us_ratio'], '6.2f')} {fmt(r['work_per_cpu_s_ratio'], '6.2f')} "
+            f"{fmt_range(r['iops_ratio_range']):>11} {fmt_range(r['work_per_cpu_s_ratio_range']):>11}{note}"
         )
     lines.append("")
     lines.append(
         "Medians over rounds. xIOPS, xWORK: value / best peer's (best non-blkd server); "
         "xLAT: best peer's mean latency / value. >1 is better than the best peer."
+    )
+    lines.append(
+        "xIOPS range, xWORK range: lowest and highest ratio of one round to the best peer "
+        "in that round (each round runs every server back to back)."
     )
     lines.append(
         "work/CPU-s: I/Os (4k cases) or MiB (1M cases) per second of server CPU (utime+stime); "
@@ -594,11 +629,13 @@ def main():
         json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
     cols = ["case", "server", "unit", "runs", "failed"] + METRICS + [
         "iops_ratio", "lat_mean_us_ratio", "work_per_cpu_s_ratio", "best_peer",
+        "iops_ratio_range", "work_per_cpu_s_ratio_range",
     ]
     with open(os.path.join(outdir, "results.tsv"), "w") as f:
         f.write("\t".join(cols) + "\n")
         for r in summary:
-            f.write("\t".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n")
+            cells = (tsv_cell(r.get(c)) for c in cols)
+            f.write("\t".join(cells) + "\n")
     with open(os.path.join(outdir, "table.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
