@@ -377,6 +377,12 @@ METRICS = [
 ]
 
 
+def peers_of(items, server_of):
+    """The items a ratio compares blkd with: those of servers other than
+    blkd, or all of them when blkd ran alone."""
+    return [i for i in items if server_of(i) != "blkd"] or list(items)
+
+
 def summarise(cases, runs):
     """Medians per case and server, and ratios to the best peer (the best
     server other than blkd; with blkd alone, blkd itself)."""
@@ -395,9 +401,7 @@ def summarise(cases, runs):
                 vals = [r[m] for r in ok if r.get(m) is not None]
                 row[m] = statistics.median(vals) if vals else None
             rows.append(row)
-        peers = [r for r in rows if r["server"] != "blkd" and r["iops"] is not None]
-        if not peers:
-            peers = [r for r in rows if r["iops"] is not None]
+        peers = peers_of([r for r in rows if r["iops"] is not None], lambda r: r["server"])
         for row in rows:
             for m, higher_is_better in (("iops", True), ("work_per_cpu_s", True), ("lat_mean_us", False)):
                 vals = [p[m] for p in peers if p[m]]
@@ -427,7 +431,7 @@ def round_ratio_range(runs, case_id, server, metric):
             by_round.setdefault(r["round"], {})[r["server"]] = r[metric]
     ratios = []
     for values in by_round.values():
-        peers = [v for name, v in values.items() if name != "blkd"] or list(values.values())
+        peers = [v for _, v in peers_of(list(values.items()), lambda item: item[0])]
         if server in values and peers:
             ratios.append(values[server] / max(peers))
     return [min(ratios), max(ratios)] if len(ratios) >= 2 else None
