@@ -660,3 +660,99 @@ fn acknowledged_writes_survive_a_killed_daemon_and_a_vanished_client() {
     // The half-sent write never reached the disk.
     assert!(!img[2 << 20..(2 << 20) + 1000].contains(&0xee));
 }
+
+/// Large WRITEs onto pages in the page cache are received straight into a mapping of the
+/// image (so blkd maps it), over unix and TCP, next to writes into holes, which are not
+/// cached and go the ordinary way. Every byte lands, flushed ones survive a killed daemon,
+/// and reads see them at once.
+#[test]
+fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
+    if common::missing_tools(&["qemu-io"]) {
+        return;
+    }
+    let mut d = start(Impl::Blkd, true, "");
+    let mut qmp = d.qmp();
+    qmp.ok("nbd-server-stop", json!({}));
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk", "writable": true}),
+    );
+    let port = common::tcp_listen_port(d.child.id());
+    let img = d.path("img.raw");
+    let mapped = || {
+        std::fs::read_to_string(format!("/proc/{}/maps", d.child.id()))
+            .unwrap()
+            .contains(img.to_str().unwrap())
+    };
+    assert!(!mapped(), "mapped before any write");
+    // The first 1 MiB was just written by make_sparse_image, so it is cached; 2-3 MiB is
+    // a hole. Write-back: qemu-io's default writethrough sends every write with FUA, which
+    // is written whole.
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "writeback",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 2M 1M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x11 0 1M",
+            "-c",
+            "read -P 0x22 2M 1M",
+            &format!("nbd://127.0.0.1:{port}/disk"),
+        ],
+    );
+    assert!(
+        mapped(),
+        "a large write onto cached pages went the ordinary way"
+    );
+    // Over a unix socket, with the server restarted on one.
+    qmp.ok("nbd-server-stop", json!({}));
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": d.path("nbd.sock")}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "node-name": "disk0", "name": "disk", "writable": true}),
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "writeback",
+            "-c",
+            "write -P 0x33 256k 512k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x11 0 256k",
+            "-c",
+            "read -P 0x33 256k 512k",
+            "-c",
+            "read -P 0x11 768k 256k",
+            &uri(&d),
+        ],
+    );
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let on_disk = std::fs::read(&img).unwrap();
+    let all = |range: std::ops::Range<usize>, byte: u8| on_disk[range].iter().all(|b| *b == byte);
+    assert!(all(0..256 << 10, 0x11));
+    assert!(all(256 << 10..768 << 10, 0x33));
+    assert!(all(768 << 10..1 << 20, 0x11));
+    assert!(all(1 << 20..2 << 20, 0));
+    assert!(all(2 << 20..3 << 20, 0x22));
+}

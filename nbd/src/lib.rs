@@ -153,6 +153,22 @@ pub trait ExportBackend: Send + Sync {
     fn splice_in(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Take up to `len` bytes of a WRITE payload from `socket` and write them at `offset`,
+    /// as [`ExportBackend::write_at`] would, straight into the storage (all `len` with
+    /// `wait_all`). Returns how many were taken (0: the client has closed the connection).
+    /// An error means that nothing was taken: `ErrorKind::Unsupported` if the backend never
+    /// can on this export, anything else if it cannot for this range now; the payload then
+    /// goes by the other paths. Called, like [`ExportBackend::splice_in`], only while
+    /// [`ExportBackend::can_splice`] is true.
+    fn receive_write(
+        &self,
+        _socket: BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+        _wait_all: bool,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Prefetch a range; the default does nothing, which is always correct.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())

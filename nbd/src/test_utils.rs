@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, ErrorKind};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -278,10 +278,22 @@ impl ExportBackend for MemBackend {
     }
 }
 
+/// Whether a [`FileBackend`] takes WRITE payloads from the socket itself
+/// ([`ExportBackend::receive_write`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receive {
+    /// Never (`Unsupported`), as most backends.
+    Never,
+    /// Every piece it is offered.
+    Take,
+    /// Not now: each piece is refused as a range the backend cannot take at the moment.
+    NotNow,
+}
+
 /// A file as an export of a given size, with zero-copy reads and writes (the file may be
 /// shorter than the export: reads past its end return zeroes and are not spliced). Counts
-/// the requests that took the splice path (and the bytes sent with sendfile) and records the size of every write (or spliced
-/// piece of one).
+/// the requests that took the splice path (and the bytes sent with sendfile) and records
+/// the size of every write (or spliced or received piece of one).
 pub struct FileBackend {
     file: File,
     size: u64,
@@ -290,6 +302,10 @@ pub struct FileBackend {
     sent_from_file: AtomicUsize,
     copy_writes: AtomicBool,
     write_sizes: Mutex<Vec<usize>>,
+    receive: Mutex<Receive>,
+    /// Pieces offered to `receive_write` (taken or not), and pieces taken.
+    receive_offers: AtomicUsize,
+    received: AtomicUsize,
 }
 
 impl FileBackend {
@@ -302,7 +318,25 @@ impl FileBackend {
             sent_from_file: AtomicUsize::new(0),
             copy_writes: AtomicBool::new(false),
             write_sizes: Mutex::new(Vec::new()),
+            receive: Mutex::new(Receive::Never),
+            receive_offers: AtomicUsize::new(0),
+            received: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether WRITE payloads are taken from the socket by the backend from now on.
+    pub fn set_receive(&self, receive: Receive) {
+        *lock(&self.receive) = receive;
+    }
+
+    /// WRITE pieces offered to [`ExportBackend::receive_write`] so far, taken or not.
+    pub fn receive_offers(&self) -> usize {
+        self.receive_offers.load(Ordering::SeqCst)
+    }
+
+    /// WRITE pieces the backend took from the socket itself so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
     }
 
     /// The sizes of the writes so far, in order; clears the record.
@@ -396,6 +430,33 @@ impl ExportBackend for FileBackend {
         let unsent = len - *result.as_ref().unwrap_or(&0);
         self.sent_from_file.fetch_sub(unsent, Ordering::SeqCst);
         result
+    }
+
+    fn receive_write(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        self.receive_offers.fetch_add(1, Ordering::SeqCst);
+        match *lock(&self.receive) {
+            Receive::Never => return Err(ErrorKind::Unsupported.into()),
+            Receive::NotNow => return Err(io::Error::other("not now")),
+            Receive::Take => {}
+        }
+        let mut buf = vec![0u8; len];
+        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
+        // SAFETY: recv writes at most `len` bytes into the buffer.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), len, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        self.file.write_all_at(&buf[..n], offset)?;
+        lock(&self.write_sizes).push(n);
+        self.received.fetch_add(1, Ordering::SeqCst);
+        Ok(n)
     }
 
     fn splice_in(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nbd::client::{Client, Handshake};
 use nbd::proto;
-use nbd::test_utils::FileBackend;
+use nbd::test_utils::{FileBackend, Receive};
 use nbd::{ExportConfig, Server, ServerConfig, Stream};
 
 const MIB: u64 = 1024 * 1024;
@@ -454,6 +454,72 @@ fn spliced_writes_take_the_payload_as_it_comes() {
         assert!(sizes.len() >= 2, "the payload did not come all at once");
         assert_eq!(s.file_bytes(MIB, data.len()), data);
         round_trips(&s, &mut c, 80 + i as u8);
+    }
+}
+
+/// A backend that takes payloads from the socket itself gets every piece of a large WRITE
+/// that is not already read (over TCP the rest of the payload at once, over a unix socket
+/// what has come), and nothing is spliced. A piece it cannot take now is spliced, and the
+/// next one offered again; once it says it never can, it is not asked again on that
+/// connection. The data lands every way.
+#[test]
+fn backends_that_can_take_payloads_from_the_socket_get_them() {
+    let s = setup(SIZE);
+    for (i, transport) in ["unix", "tcp"].into_iter().enumerate() {
+        let stream = if transport == "unix" {
+            s.unix()
+        } else {
+            s.tcp()
+        };
+        let mut c = Handshake::start(stream).unwrap().go("e").unwrap();
+        let seed = 110 + 10 * i as u8;
+
+        s.backend.set_receive(Receive::Take);
+        let data = pattern(MIB as usize, seed);
+        s.backend.take_write_sizes();
+        let (spliced, received) = (s.backend.spliced_in(), s.backend.received());
+        assert_eq!(dribble_write(&mut c, MIB, &data), [0; 4], "{transport}");
+        let sizes = s.backend.take_write_sizes();
+        assert_eq!(sizes.iter().sum::<usize>(), data.len(), "{transport}");
+        let taken = s.backend.received() - received;
+        assert!(taken >= sizes.len() - 1, "{transport}: {sizes:?}");
+        if transport == "tcp" {
+            assert_eq!(
+                taken, 1,
+                "{transport}: waited for the whole rest: {sizes:?}"
+            );
+        } else {
+            assert!(taken >= 2, "{transport}: took what had come: {sizes:?}");
+        }
+        assert_eq!(
+            s.backend.spliced_in(),
+            spliced,
+            "{transport}: nothing spliced"
+        );
+        assert_eq!(s.file_bytes(MIB, data.len()), data, "{transport}");
+
+        s.backend.set_receive(Receive::NotNow);
+        let offers = s.backend.receive_offers();
+        let data = pattern(MIB as usize, seed + 1);
+        assert_eq!(dribble_write(&mut c, 2 * MIB, &data), [0; 4], "{transport}");
+        assert!(s.backend.receive_offers() - offers >= 2, "offered again");
+        assert!(
+            s.backend.spliced_in() > spliced,
+            "{transport}: spliced instead"
+        );
+        assert_eq!(s.file_bytes(2 * MIB, data.len()), data, "{transport}");
+
+        s.backend.set_receive(Receive::Never);
+        round_trips(&s, &mut c, seed + 2);
+        let offers = s.backend.receive_offers();
+        s.backend.set_receive(Receive::Take);
+        round_trips(&s, &mut c, seed + 3);
+        assert_eq!(
+            s.backend.receive_offers(),
+            offers,
+            "{transport}: not asked again"
+        );
+        s.backend.set_receive(Receive::Never);
     }
 }
 

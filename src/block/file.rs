@@ -16,6 +16,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
 
+use super::page_map::PageMap;
 use super::{
     round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode, Extent,
     OpenContext, ZeroFlags, ZERO_CHUNK,
@@ -72,6 +73,8 @@ pub struct FileDriver {
     /// an fstat per request (the image is locked against other writers, and
     /// QEMU caches it the same way).
     file_len: AtomicU64,
+    /// Where large write payloads are received into the page cache.
+    page_map: PageMap,
 }
 
 /// Opens a `file` or `host_device` node (picked by the `driver` member)
@@ -160,6 +163,7 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
         locking,
         direct,
         file_len: AtomicU64::new(0),
+        page_map: PageMap::default(),
     };
     driver.refresh_file_len();
     Ok(Box::new(driver))
@@ -744,6 +748,25 @@ impl BlockDriver for FileDriver {
         refuse_if_read_only(self.read_only)?;
         let result = nbd::splice::pipe_to_file(pipe, self.fd.as_fd(), offset, len);
         self.after_write(offset, len as u64, result)
+    }
+
+    /// Into the mapped page cache of a regular file, inside the file (see [`PageMap`]).
+    fn receive_write(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        if !self.can_splice() || self.kind != FileKind::Regular {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        refuse_if_read_only(self.read_only)?;
+        if offset.saturating_add(len as u64) > self.file_len.load(Ordering::Acquire) {
+            return Err(io::Error::other("past the end of the file"));
+        }
+        self.page_map
+            .receive(self.fd.as_fd(), socket, offset, len, wait_all)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

@@ -9,6 +9,7 @@ pub mod bitmap;
 pub mod file;
 mod node;
 pub mod null;
+mod page_map;
 pub mod qcow2;
 mod qcow2_bitmaps;
 pub mod raw;
@@ -149,6 +150,20 @@ pub trait BlockDriver: Send + Sync {
     /// [`BlockDriver::write_vectored`] would, without copying them through user memory.
     /// `Unsupported` leaves the pipe as it was.
     fn splice_write(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Receives up to `len` bytes from `socket` and writes them at `offset`, as
+    /// [`BlockDriver::write_vectored`] would, without copying them through user memory
+    /// (all `len` with `wait_all`). Returns how many were taken (0: the peer has closed).
+    /// An error means that nothing was taken: `Unsupported` if the driver never can,
+    /// anything else if it cannot for this range now.
+    fn receive_write(
+        &self,
+        _socket: BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+        _wait_all: bool,
+    ) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Bytes the node takes on its storage (`actual-size`), if known.

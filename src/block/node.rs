@@ -176,6 +176,28 @@ impl BlockNode {
         result
     }
 
+    /// Receives up to `len` bytes from `socket` and writes them as
+    /// [`BlockNode::write_vectored`] would (see [`BlockDriver::receive_write`]), marking
+    /// what was taken dirty. `Unsupported` with `detect-zeroes`, which must look at the data;
+    /// over a probed raw image's first sector, only that write is refused.
+    pub fn receive_write(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        if self.policy.detect_zeroes != DetectZeroes::Off {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        if self.writes_a_probed_header(offset) {
+            return Err(io::Error::other("a write to the first sector is checked"));
+        }
+        let taken = self.driver.receive_write(socket, offset, len, wait_all)?;
+        self.mark_dirty(offset, taken as u64);
+        Ok(taken)
+    }
+
     /// Discards the range, unless the node ignores discards: then, as in
     /// QEMU, nothing happens and nothing is marked dirty.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

