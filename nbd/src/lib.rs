@@ -154,8 +154,9 @@ pub trait ExportBackend: Send + Sync {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Take up to `len` bytes of a WRITE payload from `socket` and write them at `offset`,
-    /// as [`ExportBackend::write_at`] would, straight into the storage (all `len` with
-    /// `wait_all`). Returns how many were taken (0: the client has closed the connection).
+    /// as [`ExportBackend::write_at`] would, straight into the storage (with `wait_all`,
+    /// waiting for as many as it takes). Returns how many were taken, maybe fewer than `len`
+    /// (the caller offers the rest again); 0: the client has closed the connection.
     /// An error means that nothing was taken: `ErrorKind::Unsupported` if the backend never
     /// can on this export, anything else if it cannot for this range now; the payload then
     /// goes by the other paths. Called, like [`ExportBackend::splice_in`], only while

@@ -278,6 +278,26 @@ pub fn file_to_socket(
     Ok(done)
 }
 
+/// One recv(2) of up to `len` bytes from `socket` into memory at `dst`, such as a shared
+/// mapping of a file's page cache: the bytes received (0 at the end of the stream). The
+/// kernel does the copy, so a page it cannot write fails the call with `EFAULT` (nothing
+/// taken) or ends it early (fewer taken), never with a signal.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes of `len` bytes, and nothing may hold a Rust reference to
+/// them during the call.
+pub unsafe fn socket_to_memory(
+    socket: BorrowedFd<'_>,
+    dst: *mut u8,
+    len: usize,
+    wait_all: bool,
+) -> io::Result<usize> {
+    let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
+    // SAFETY: the caller vouches for `dst`.
+    check(unsafe { libc::recv(socket.as_raw_fd(), dst.cast(), len, flags) })
+}
+
 /// Move exactly `len` bytes waiting in `pipe` to a (blocking) socket.
 pub(crate) fn pipe_to_socket(
     pipe: BorrowedFd<'_>,

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, ErrorKind};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -446,14 +446,12 @@ impl ExportBackend for FileBackend {
             Receive::Take => {}
         }
         let mut buf = vec![0u8; len];
-        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
-        // SAFETY: recv writes at most `len` bytes into the buffer.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), len, flags) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        self.file.write_all_at(&buf[..n], offset)?;
+        // SAFETY: the buffer is ours and valid for `len` bytes.
+        let n = unsafe { splice::socket_to_memory(socket, buf.as_mut_ptr(), len, wait_all)? };
+        // The bytes have left the socket: failing now would break the contract.
+        self.file
+            .write_all_at(&buf[..n], offset)
+            .expect("the test file takes writes");
         lock(&self.write_sizes).push(n);
         self.received.fetch_add(1, Ordering::SeqCst);
         Ok(n)

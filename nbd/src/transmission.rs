@@ -880,6 +880,7 @@ impl Session {
             self.take_pipe(0)
         };
         let mut done = 0;
+        let mut offering = true;
         let mut written = Written {
             result: Ok(()),
             busy: Duration::ZERO,
@@ -893,7 +894,9 @@ impl Session {
                 let n = take_held(reader, &mut buf[..piece]);
                 written.write(&*self.export.backend, &buf[..n], offset);
                 n
-            } else if let Some(n) = self.receive_in_place(socket, offset, want, &written) {
+            } else if let Some(n) =
+                self.receive_in_place(socket, offset, want, &written, &mut offering)
+            {
                 if n == 0 {
                     return Err(left_inside_write(done, len));
                 }
@@ -952,17 +955,20 @@ impl Session {
     }
 
     /// Let the backend take the next bytes of a WRITE payload from the socket itself, if it
-    /// can (see [`crate::ExportBackend::receive_write`]); `None`: they go by another path.
-    /// Not counted as the backend's busy time, which would include waiting for the client.
+    /// can (see [`crate::ExportBackend::receive_write`]); `None`: they go by another path,
+    /// as the rest of this payload does once the backend has refused a piece of it
+    /// (`offering` is cleared), so that it is not asked again for every piece. Not counted
+    /// as the backend's busy time, which would include waiting for the client.
     fn receive_in_place(
         &self,
         socket: Option<BorrowedFd<'_>>,
         offset: u64,
         want: usize,
         written: &Written,
+        offering: &mut bool,
     ) -> Option<usize> {
         let socket = socket?;
-        if written.result.is_err() || self.receive_refused.load(Ordering::Relaxed) {
+        if !*offering || written.result.is_err() || self.receive_refused.load(Ordering::Relaxed) {
             return None;
         }
         match self
@@ -975,6 +981,7 @@ impl Session {
                 if e.kind() == ErrorKind::Unsupported {
                     self.receive_refused.store(true, Ordering::Relaxed);
                 }
+                *offering = false;
                 None
             }
         }

@@ -459,9 +459,10 @@ fn spliced_writes_take_the_payload_as_it_comes() {
 
 /// A backend that takes payloads from the socket itself gets every piece of a large WRITE
 /// that is not already read (over TCP the rest of the payload at once, over a unix socket
-/// what has come), and nothing is spliced. A piece it cannot take now is spliced, and the
-/// next one offered again; once it says it never can, it is not asked again on that
-/// connection. The data lands every way.
+/// what has come), and nothing is spliced. When it cannot take a piece now, the rest of
+/// that payload is spliced without asking again, and the next WRITE is offered again;
+/// once it says it never can, it is not asked again on that connection. The data lands
+/// every way.
 #[test]
 fn backends_that_can_take_payloads_from_the_socket_get_them() {
     let s = setup(SIZE);
@@ -502,12 +503,29 @@ fn backends_that_can_take_payloads_from_the_socket_get_them() {
         let offers = s.backend.receive_offers();
         let data = pattern(MIB as usize, seed + 1);
         assert_eq!(dribble_write(&mut c, 2 * MIB, &data), [0; 4], "{transport}");
-        assert!(s.backend.receive_offers() - offers >= 2, "offered again");
-        assert!(
-            s.backend.spliced_in() > spliced,
-            "{transport}: spliced instead"
+        assert_eq!(
+            s.backend.receive_offers() - offers,
+            1,
+            "{transport}: asked once"
         );
+        let spliced_now = s.backend.spliced_in();
+        assert!(spliced_now >= spliced + 2, "{transport}: spliced instead");
         assert_eq!(s.file_bytes(2 * MIB, data.len()), data, "{transport}");
+
+        s.backend.set_receive(Receive::Take);
+        let received = s.backend.received();
+        let data = pattern(MIB as usize, seed + 4);
+        assert_eq!(dribble_write(&mut c, 3 * MIB, &data), [0; 4], "{transport}");
+        assert!(
+            s.backend.received() > received,
+            "{transport}: offered again"
+        );
+        assert_eq!(
+            s.backend.spliced_in(),
+            spliced_now,
+            "{transport}: nothing spliced"
+        );
+        assert_eq!(s.file_bytes(3 * MIB, data.len()), data, "{transport}");
 
         s.backend.set_receive(Receive::Never);
         round_trips(&s, &mut c, seed + 2);

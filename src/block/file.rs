@@ -16,7 +16,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
 
-use super::page_map::PageMap;
+use super::page_map::{self, PageMap};
 use super::{
     round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode, Extent,
     OpenContext, ZeroFlags, ZERO_CHUNK,
@@ -73,8 +73,9 @@ pub struct FileDriver {
     /// an fstat per request (the image is locked against other writers, and
     /// QEMU caches it the same way).
     file_len: AtomicU64,
-    /// Where large write payloads are received into the page cache.
-    page_map: PageMap,
+    /// Where large write payloads are received into the page cache, if they can be (see
+    /// [`FileDriver::receive_write`]).
+    page_map: Option<PageMap>,
 }
 
 /// Opens a `file` or `host_device` node (picked by the `driver` member)
@@ -152,6 +153,10 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
     } else {
         None
     };
+    let maps_writes = kind == FileKind::Regular
+        && !read_only
+        && !ctx.cache_direct
+        && page_map::reserves_space_on_fault(fd.as_fd());
     let driver = FileDriver {
         fd,
         filename: filename.to_string(),
@@ -163,7 +168,7 @@ pub fn open(opts: &Map<String, Value>, ctx: &OpenContext) -> Result<Box<dyn Bloc
         locking,
         direct,
         file_len: AtomicU64::new(0),
-        page_map: PageMap::default(),
+        page_map: maps_writes.then(PageMap::default),
     };
     driver.refresh_file_len();
     Ok(Box::new(driver))
@@ -750,7 +755,8 @@ impl BlockDriver for FileDriver {
         self.after_write(offset, len as u64, result)
     }
 
-    /// Into the mapped page cache of a regular file, inside the file (see [`PageMap`]).
+    /// Into the mapped page cache of a writable regular file on a filesystem that reserves
+    /// space at the first write fault, without O_DIRECT, inside the file (see [`PageMap`]).
     fn receive_write(
         &self,
         socket: BorrowedFd<'_>,
@@ -758,15 +764,13 @@ impl BlockDriver for FileDriver {
         len: usize,
         wait_all: bool,
     ) -> io::Result<usize> {
-        if !self.can_splice() || self.kind != FileKind::Regular {
+        let Some(page_map) = &self.page_map else {
             return Err(io::ErrorKind::Unsupported.into());
-        }
-        refuse_if_read_only(self.read_only)?;
+        };
         if offset.saturating_add(len as u64) > self.file_len.load(Ordering::Acquire) {
             return Err(io::Error::other("past the end of the file"));
         }
-        self.page_map
-            .receive(self.fd.as_fd(), socket, offset, len, wait_all)
+        page_map.receive(self.fd.as_fd(), socket, offset, len, wait_all)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

@@ -153,8 +153,9 @@ pub trait BlockDriver: Send + Sync {
         Err(io::ErrorKind::Unsupported.into())
     }
     /// Receives up to `len` bytes from `socket` and writes them at `offset`, as
-    /// [`BlockDriver::write_vectored`] would, without copying them through user memory
-    /// (all `len` with `wait_all`). Returns how many were taken (0: the peer has closed).
+    /// [`BlockDriver::write_vectored`] would, with no buffer in between (with `wait_all`,
+    /// waiting for as many as it takes). Returns how many were taken, maybe fewer than
+    /// `len` (0: the peer has closed).
     /// An error means that nothing was taken: `Unsupported` if the driver never can,
     /// anything else if it cannot for this range now.
     fn receive_write(

@@ -12,15 +12,19 @@
 //! Only the kernel touches the mapping (`recv` copies into it), so a page that cannot be
 //! written (truncated away by someone else, no space for a hole, an I/O error) fails the
 //! `recv` with `EFAULT` instead of raising `SIGBUS`, and the bytes stay in the socket for
-//! the ordinary write path, which reports the real error. Pages not in the page cache are
-//! left to that path too: a fault would have to read them from disk first.
+//! the ordinary write path, which reports the real error. That takes a filesystem that
+//! reserves space when a page is first made writable, as ext4, XFS, btrfs and tmpfs do
+//! (see [`reserves_space_on_fault`]): elsewhere a hole could be acknowledged and fail
+//! only at writeback. Pages not in the page cache are left to the ordinary path too: a
+//! fault would have to read them from disk first.
 //!
 //! Mapped pages count in the process's resident size although they are page cache, so at
-//! most [`WINDOWS`] windows of [`WINDOW`] bytes stay mapped per file.
+//! most [`WINDOWS`] windows of [`WINDOW`] bytes stay mapped per file node.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bytes of the file one mapping covers, aligned to its size.
@@ -63,10 +67,29 @@ impl Window {
 
     /// The address of file offset `offset`, which is inside the window.
     fn at(&self, offset: u64) -> *mut u8 {
-        // The offset is less than WINDOW past the base, inside the mapping.
+        debug_assert!(offset >= self.base && offset - self.base < WINDOW);
         self.addr
             .as_ptr()
             .wrapping_add((offset - self.base) as usize)
+    }
+
+    /// Receive up to `len` bytes at file offset `offset` (inside the window, and `len` not
+    /// past its end) from `socket`, retrying when a signal interrupts.
+    fn recv(
+        &self,
+        socket: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        wait_all: bool,
+    ) -> io::Result<usize> {
+        loop {
+            // SAFETY: the range is inside the live mapping, which nothing in this process
+            // reads or writes except through system calls.
+            match unsafe { nbd::splice::socket_to_memory(socket, self.at(offset), len, wait_all) } {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => return result,
+            }
+        }
     }
 }
 
@@ -77,19 +100,23 @@ impl Drop for Window {
     }
 }
 
-/// The windows mapped so far for one file.
+/// The windows mapped so far of one file: every call passes the same descriptor.
 #[derive(Default)]
 pub struct PageMap {
     windows: Mutex<Vec<Arc<Window>>>,
+    /// Set when the file cannot be mapped at all (its filesystem does not map files, say).
+    unmappable: AtomicBool,
 }
 
 impl PageMap {
-    /// Receive up to `len` bytes from `socket` into the file `fd` at `offset` (all of them
-    /// with `wait_all`, unless the window ends first), where `offset + len` is inside the
-    /// file. Returns how many bytes were taken from the socket, all of them now in the page
-    /// cache (0: the peer has closed). An error means that nothing was taken, and the bytes
-    /// must go by another path: the range is not all in the page cache, or the kernel could
-    /// not make a page writable.
+    /// Receive up to `len` bytes from `socket` into the file `fd` at `offset`, where
+    /// `offset + len` is inside the file (with `wait_all`, waiting for as many as it
+    /// takes), stopping at the end of the window and before the first page not in the
+    /// page cache. Returns how many bytes were taken from the socket, all of them now in
+    /// the page cache (0: the peer has closed). An error means that nothing was taken, and
+    /// the bytes must go by another path: `Unsupported` when the file cannot be mapped;
+    /// otherwise the first page is not in the page cache, or the kernel could not make it
+    /// writable.
     pub fn receive(
         &self,
         fd: BorrowedFd<'_>,
@@ -100,26 +127,18 @@ impl PageMap {
     ) -> io::Result<usize> {
         let window = self.window(fd, offset)?;
         let len = len.min((window.base + WINDOW - offset) as usize);
-        if !is_cached(window.at(offset), len)? {
-            return Err(io::Error::other("not all in the page cache"));
+        let len = cached_prefix(window.at(offset), len)?;
+        if len == 0 {
+            return Err(io::Error::other("not in the page cache"));
         }
-        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
-        loop {
-            // SAFETY: the range is inside the live mapping, which nothing in this process
-            // reads or writes except through system calls.
-            let n = unsafe { libc::recv(socket.as_raw_fd(), window.at(offset).cast(), len, flags) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        window.recv(socket, offset, len, wait_all)
     }
 
     /// The window holding `offset`, mapped now if it was not.
     fn window(&self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<Arc<Window>> {
+        if self.unmappable.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
         let base = offset - offset % WINDOW;
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = windows.iter().position(|w| w.base == base) {
@@ -127,17 +146,26 @@ impl PageMap {
             windows.push(window.clone());
             return Ok(window);
         }
-        let window = Arc::new(Window::map(fd, base)?);
-        if windows.len() == WINDOWS {
-            windows.remove(0);
-        }
+        let window = match Window::map(fd, base) {
+            Ok(window) => Arc::new(window),
+            Err(e) => {
+                log::debug!("cannot map the file to receive writes into it: {e}");
+                self.unmappable.store(true, Ordering::Relaxed);
+                return Err(io::ErrorKind::Unsupported.into());
+            }
+        };
+        let evicted = (windows.len() == WINDOWS).then(|| windows.remove(0));
         windows.push(window.clone());
+        drop(windows);
+        // Unmapped (once no receive uses it) outside the lock.
+        drop(evicted);
         Ok(window)
     }
 }
 
-/// Whether every page of the `len` bytes at `addr` of a file mapping is in the page cache.
-fn is_cached(addr: *mut u8, len: usize) -> io::Result<bool> {
+/// How many of the `len` bytes at `addr` of a file mapping lie in pages that are in the
+/// page cache, counting from `addr` up to the first page that is not.
+fn cached_prefix(addr: *mut u8, len: usize) -> io::Result<usize> {
     // SAFETY: sysconf has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let start = addr as usize & !(page - 1);
@@ -147,7 +175,26 @@ fn is_cached(addr: *mut u8, len: usize) -> io::Result<bool> {
     if unsafe { libc::mincore(start as *mut libc::c_void, span, resident.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(resident.iter().all(|b| b & 1 != 0))
+    let pages = resident.iter().take_while(|b| *b & 1 != 0).count();
+    Ok((start + pages * page - addr as usize).min(len))
+}
+
+/// Whether the filesystem holding `fd` reserves the space for a page when it is first made
+/// writable through a mapping, so that the fault, not writeback, reports a full disk.
+pub fn reserves_space_on_fault(fd: BorrowedFd<'_>) -> bool {
+    const EXT4: i64 = 0xef53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683e;
+    const TMPFS: i64 = 0x0102_1994;
+    // SAFETY: fstatfs fills a plain struct for an open descriptor.
+    let fs_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd.as_raw_fd(), &mut st) < 0 {
+            return false;
+        }
+        st.f_type as i64
+    };
+    matches!(fs_type, EXT4 | XFS | BTRFS | TMPFS)
 }
 
 #[cfg(test)]
@@ -178,7 +225,7 @@ mod tests {
         let err = map
             .receive(file.as_fd(), server.as_fd(), 4096, 8192, true)
             .unwrap_err();
-        assert_eq!(err.to_string(), "not all in the page cache");
+        assert_eq!(err.to_string(), "not in the page cache");
         let mut left = [0u8; 8192];
         server.read_exact(&mut left).unwrap();
         assert_eq!(left, [0x5a; 8192]);
@@ -193,6 +240,48 @@ mod tests {
         let mut back = [0u8; 8192];
         file.read_exact_at(&mut back, 4096).unwrap();
         assert_eq!(back, [0xa5; 8192]);
+    }
+
+    /// What makes the mapping safe: a page the kernel cannot make writable (here, past the
+    /// end of the file) fails the recv with EFAULT instead of a SIGBUS, and the bytes stay
+    /// in the socket, also when the copy started on a good page.
+    #[test]
+    fn a_page_that_cannot_be_written_fails_the_recv_and_leaves_the_bytes() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.write_all_at(&[0; 4096], 0).unwrap();
+        let window = Window::map(file.as_fd(), 0).unwrap();
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        for (offset, len) in [(8192, 100), (4000, 200)] {
+            client.write_all(&vec![0x77; len]).unwrap();
+            let err = window.recv(server.as_fd(), offset, len, true).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "at {offset}");
+            let mut left = vec![0u8; len];
+            server.read_exact(&mut left).unwrap();
+            assert_eq!(
+                left,
+                vec![0x77; len],
+                "at {offset}: the socket is as it was"
+            );
+        }
+        assert_eq!(file.metadata().unwrap().len(), 4096);
+    }
+
+    /// A range that runs from cached pages into uncached ones is received up to the first
+    /// uncached page.
+    #[test]
+    fn a_receive_stops_before_the_first_page_not_in_the_page_cache() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[0; 8192], 0).unwrap();
+        let map = PageMap::default();
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(&[3; 12000]).unwrap();
+        let taken = map
+            .receive(file.as_fd(), server.as_fd(), 100, 12000, true)
+            .unwrap();
+        assert_eq!(taken, 8192 - 100);
     }
 
     #[test]
