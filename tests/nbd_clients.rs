@@ -672,14 +672,28 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
     }
     let mut d = start(Impl::Blkd, true, "");
     let mut qmp = d.qmp();
-    qmp.ok("nbd-server-stop", json!({}));
-    qmp.ok(
-        "nbd-server-start",
-        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
-    );
-    qmp.ok(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk", "writable": true}),
+    // The NBD server moved to `addr`, exporting disk0 writable as `disk` under `id`.
+    let mut serve_on = |addr: Value, id: &str| {
+        qmp.ok("nbd-server-stop", json!({}));
+        qmp.ok("nbd-server-start", json!({ "addr": addr }));
+        qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": "disk0", "name": "disk", "writable": true}),
+        );
+    };
+    // Write-back: qemu-io's default writethrough sends every write with FUA, which is
+    // written whole.
+    let qemu_io_writeback = |commands: &[&str], uri: &str| {
+        let mut args = vec!["-f", "raw", "-t", "writeback"];
+        for c in commands {
+            args.extend(["-c", c]);
+        }
+        args.push(uri);
+        run_ok("qemu-io", &args);
+    };
+    serve_on(
+        json!({"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}),
+        "e1",
     );
     let port = common::tcp_listen_port(d.child.id());
     let img = d.path("img.raw");
@@ -708,27 +722,16 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
     };
     assert_eq!(mapped_kib(), 0, "mapped before any write");
     // The first 1 MiB was just written by make_sparse_image, so it is cached; 2-3 MiB is
-    // a hole. Write-back: qemu-io's default writethrough sends every write with FUA, which
-    // is written whole.
-    run_ok(
-        "qemu-io",
+    // a hole.
+    qemu_io_writeback(
         &[
-            "-f",
-            "raw",
-            "-t",
-            "writeback",
-            "-c",
             "write -P 0x11 0 1M",
-            "-c",
             "write -P 0x22 2M 1M",
-            "-c",
             "flush",
-            "-c",
             "read -P 0x11 0 1M",
-            "-c",
             "read -P 0x22 2M 1M",
-            &format!("nbd://127.0.0.1:{port}/disk"),
         ],
+        &format!("nbd://127.0.0.1:{port}/disk"),
     );
     let kib = mapped_kib();
     assert!(
@@ -736,34 +739,19 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
         "{kib} KiB resident: the write onto 1 MiB of cached pages, not the one into the hole"
     );
     // Over a unix socket, with the server restarted on one.
-    qmp.ok("nbd-server-stop", json!({}));
-    qmp.ok(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": d.path("nbd.sock")}}}),
+    serve_on(
+        json!({"type": "unix", "data": {"path": d.path("nbd.sock")}}),
+        "e2",
     );
-    qmp.ok(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e2", "node-name": "disk0", "name": "disk", "writable": true}),
-    );
-    run_ok(
-        "qemu-io",
+    qemu_io_writeback(
         &[
-            "-f",
-            "raw",
-            "-t",
-            "writeback",
-            "-c",
             "write -P 0x33 256k 512k",
-            "-c",
             "flush",
-            "-c",
             "read -P 0x11 0 256k",
-            "-c",
             "read -P 0x33 256k 512k",
-            "-c",
             "read -P 0x11 768k 256k",
-            &uri(&d),
         ],
+        &uri(&d),
     );
     let _ = d.child.kill();
     let _ = d.child.wait();

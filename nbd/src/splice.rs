@@ -295,6 +295,17 @@ pub unsafe fn socket_to_memory(
 ) -> io::Result<usize> {
     let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
     // SAFETY: the caller vouches for `dst`.
+    unsafe { recv_with(socket, dst, len, flags) }
+}
+
+/// One recv(2) with `flags`, as [`socket_to_memory`] (and with its safety rules).
+pub(crate) unsafe fn recv_with(
+    socket: BorrowedFd<'_>,
+    dst: *mut u8,
+    len: usize,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    // SAFETY: the caller vouches for `dst`.
     check(unsafe { libc::recv(socket.as_raw_fd(), dst.cast(), len, flags) })
 }
 

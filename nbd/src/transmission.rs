@@ -582,19 +582,7 @@ fn read_queued(reader: &mut Reader) -> bool {
 /// One recv(2) into `buf` with `flags`: the bytes received (0 at the end of the stream).
 fn recv_some(socket: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: receives into `buf`, which is valid for writes of its length.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            flags,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    unsafe { splice::recv_with(socket, buf.as_mut_ptr(), buf.len(), flags) }
 }
 
 /// The most a TCP connection queues beyond what it may send (`TCP_NOTSENT_LOWAT`).

@@ -371,15 +371,15 @@ mod tests {
         drv.flush().unwrap();
     }
 
-    /// Spliced writes take the same path as copied ones: through the window, into the file,
-    /// marking the bitmaps of both nodes. A node that must see the data refuses them and
-    /// leaves the pipe as it was.
-    #[test]
-    fn spliced_writes_go_where_copied_ones_go() {
+    /// A graph with `f0` (see [`graph_with_file`]) and `r0`, a raw 16 KiB window of it at
+    /// 1024, each with a dirty bitmap of 512-byte granularity.
+    fn window_with_bitmaps() -> (
+        Graph,
+        tempfile::NamedTempFile,
+        Arc<BlockNode>,
+        Arc<BlockNode>,
+    ) {
         use crate::block::bitmap::DirtyBitmap;
-        use std::io::{Read, Write};
-        use std::os::fd::AsFd;
-
         let (mut graph, img) = graph_with_file(json!({}));
         let file = graph.lookup("f0").unwrap();
         let raw = graph.add(
@@ -388,16 +388,46 @@ mod tests {
         );
         raw.add_bitmap(DirtyBitmap::new("b0", 512, 16384));
         file.add_bitmap(DirtyBitmap::new("b1", 512, 65536));
-        let (mut from, mut to) = std::io::pipe().unwrap();
-        to.write_all(&[0xab; 3000]).unwrap();
-        raw.splice_write(from.as_fd(), 4096, 3000).unwrap();
+        (graph, img, file, raw)
+    }
+
+    /// 3000 bytes of 0xab written at 4096 of the window landed there in the file, with
+    /// the bytes around them untouched, and both nodes' bitmaps mark them.
+    fn check_landed_at_4096(img: &tempfile::NamedTempFile, file: &BlockNode, raw: &BlockNode) {
         let on_disk = std::fs::read(img.path()).unwrap();
         assert!(on_disk[1024 + 4096..][..3000].iter().all(|&b| b == 0xab));
         assert_eq!(on_disk[1024 + 4095], ((1024 + 4095) * 7) as u8);
         assert_eq!(on_disk[1024 + 7096], ((1024 + 7096) * 7) as u8);
         let dirty = |node: &BlockNode| node.bitmaps_info()[0]["count"].as_u64().unwrap();
-        assert_eq!(dirty(&raw), 3072, "the raw node's bitmap");
-        assert_eq!(dirty(&file), 3072, "the file node's bitmap");
+        assert_eq!(dirty(raw), 3072, "the raw node's bitmap");
+        assert_eq!(dirty(file), 3072, "the file node's bitmap");
+    }
+
+    /// `f1`: a 4 KiB file node with `detect-zeroes=on`, which must see what it writes.
+    fn detect_zeroes_node(graph: &mut Graph) -> (tempfile::NamedTempFile, Arc<BlockNode>) {
+        let other = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(other.path(), [1; 4096]).unwrap();
+        let zeroes = graph.add(
+            "f1",
+            json!({"driver": "file", "filename": other.path().to_str().unwrap(),
+                   "detect-zeroes": "on"}),
+        );
+        (other, zeroes)
+    }
+
+    /// Spliced writes take the same path as copied ones: through the window, into the file,
+    /// marking the bitmaps of both nodes. A node that must see the data refuses them and
+    /// leaves the pipe as it was.
+    #[test]
+    fn spliced_writes_go_where_copied_ones_go() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+
+        let (mut graph, img, file, raw) = window_with_bitmaps();
+        let (mut from, mut to) = std::io::pipe().unwrap();
+        to.write_all(&[0xab; 3000]).unwrap();
+        raw.splice_write(from.as_fd(), 4096, 3000).unwrap();
+        check_landed_at_4096(&img, &file, &raw);
 
         // Past the window: refused before anything leaves the pipe.
         to.write_all(&[0xcd; 512]).unwrap();
@@ -408,13 +438,7 @@ mod tests {
         let mut left = [0u8; 512];
         from.read_exact(&mut left).unwrap();
 
-        let other = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(other.path(), [1; 4096]).unwrap();
-        let zeroes = graph.add(
-            "f1",
-            json!({"driver": "file", "filename": other.path().to_str().unwrap(),
-                   "detect-zeroes": "on"}),
-        );
+        let (_other, zeroes) = detect_zeroes_node(&mut graph);
         to.write_all(&[0; 512]).unwrap();
         let err = zeroes.splice_write(from.as_fd(), 0, 512).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
@@ -426,30 +450,16 @@ mod tests {
     /// leaves its bytes in the socket.
     #[test]
     fn received_writes_go_where_copied_ones_go() {
-        use crate::block::bitmap::DirtyBitmap;
         use std::io::{Read, Write};
         use std::os::fd::AsFd;
 
-        let (mut graph, img) = graph_with_file(json!({}));
-        let file = graph.lookup("f0").unwrap();
-        let raw = graph.add(
-            "r0",
-            json!({"driver": "raw", "file": "f0", "offset": 1024, "size": 16384}),
-        );
-        raw.add_bitmap(DirtyBitmap::new("b0", 512, 16384));
-        file.add_bitmap(DirtyBitmap::new("b1", 512, 65536));
+        let (mut graph, img, file, raw) = window_with_bitmaps();
         // The image was just written, so its pages are in the page cache.
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         client.write_all(&[0xab; 3000]).unwrap();
         let taken = raw.receive_write(server.as_fd(), 4096, 3000, true).unwrap();
         assert_eq!(taken, 3000);
-        let on_disk = std::fs::read(img.path()).unwrap();
-        assert!(on_disk[1024 + 4096..][..3000].iter().all(|&b| b == 0xab));
-        assert_eq!(on_disk[1024 + 4095], ((1024 + 4095) * 7) as u8);
-        assert_eq!(on_disk[1024 + 7096], ((1024 + 7096) * 7) as u8);
-        let dirty = |node: &BlockNode| node.bitmaps_info()[0]["count"].as_u64().unwrap();
-        assert_eq!(dirty(&raw), 3072, "the raw node's bitmap");
-        assert_eq!(dirty(&file), 3072, "the file node's bitmap");
+        check_landed_at_4096(&img, &file, &raw);
 
         let mut server_side = server.try_clone().unwrap();
         let mut left = [0u8; 512];
@@ -462,13 +472,7 @@ mod tests {
         server_side.read_exact(&mut left).unwrap();
         assert_eq!(left, [0xcd; 512], "the socket is as it was");
 
-        let other = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(other.path(), [1; 4096]).unwrap();
-        let zeroes = graph.add(
-            "f1",
-            json!({"driver": "file", "filename": other.path().to_str().unwrap(),
-                   "detect-zeroes": "on"}),
-        );
+        let (_other, zeroes) = detect_zeroes_node(&mut graph);
         client.write_all(&[0; 512]).unwrap();
         let err = zeroes
             .receive_write(server.as_fd(), 0, 512, true)
