@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +17,6 @@ const PY: &str = "/usr/bin/python3";
 fn make_sparse_image(path: &std::path::Path) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(8 << 20).unwrap();
-    use std::os::unix::fs::FileExt;
     f.write_all_at(&vec![0xa5; 1 << 20], 0).unwrap();
     f.write_all_at(&vec![0x3c; 64 << 10], 4 << 20).unwrap();
 }
@@ -663,10 +663,11 @@ fn acknowledged_writes_survive_a_killed_daemon_and_a_vanished_client() {
 
 /// Large WRITEs onto pages in the page cache are received straight into a mapping of the
 /// image (whose pages then show in blkd's resident size), over unix and TCP, next to writes
-/// into holes, which are not cached and go the ordinary way. Every byte lands where it
-/// should, and reads see them at once.
+/// into holes, which are not cached and go the ordinary way. So are small WRITEs after the
+/// first of a connection, one page each. Every byte lands where it should, and reads see
+/// them at once.
 #[test]
-fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
+fn writes_onto_cached_pages_are_received_into_the_page_cache() {
     if common::missing_tools(&["qemu-io"]) {
         return;
     }
@@ -738,6 +739,27 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
         (1024..2048).contains(&kib),
         "{kib} KiB resident: the write onto 1 MiB of cached pages, not the one into the hole"
     );
+    // Small writes, 4 KiB apart in 64 KiB of cached pages: each after the first of the
+    // connection maps its page (the kernel may map the rest of its folio with it).
+    let small_writes = |first: u64, fill: u8, uri: &str| {
+        let before = mapped_kib();
+        let writes: Vec<String> = (0..4)
+            .map(|i| format!("write -P {fill:#x} {} 4k", first + i * 8192))
+            .collect();
+        let reads: Vec<String> = (0..4)
+            .map(|i| format!("read -P {fill:#x} {} 4k", first + i * 8192))
+            .collect();
+        let mut commands: Vec<&str> = writes.iter().map(String::as_str).collect();
+        commands.push("flush");
+        commands.extend(reads.iter().map(String::as_str));
+        qemu_io_writeback(&commands, uri);
+        let kib = mapped_kib() - before;
+        assert!(
+            (4..=64).contains(&kib),
+            "{kib} KiB newly resident after 4 small writes"
+        );
+    };
+    small_writes(4 << 20, 0x44, &format!("nbd://127.0.0.1:{port}/disk"));
     // Over a unix socket, with the server restarted on one.
     serve_on(
         json!({"type": "unix", "data": {"path": d.path("nbd.sock")}}),
@@ -753,6 +775,14 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
         ],
         &uri(&d),
     );
+    // Cached pages not mapped yet, written past blkd.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[0x3c; 64 << 10], 6 << 20)
+        .unwrap();
+    small_writes(6 << 20, 0x55, &uri(&d));
     let _ = d.child.kill();
     let _ = d.child.wait();
     let on_disk = std::fs::read(&img).unwrap();
@@ -762,4 +792,11 @@ fn large_writes_onto_cached_pages_are_received_into_the_page_cache() {
     assert!(all(768 << 10..1 << 20, 0x11));
     assert!(all(1 << 20..2 << 20, 0));
     assert!(all(2 << 20..3 << 20, 0x22));
+    for (base, fill) in [(4 << 20, 0x44), (6 << 20, 0x55)] {
+        for page in 0..8 {
+            let at = base + page * 4096;
+            let byte = if page % 2 == 0 { fill } else { 0x3c };
+            assert!(all(at..at + 4096, byte), "page {page} after {base}");
+        }
+    }
 }

@@ -153,19 +153,20 @@ pub trait ExportBackend: Send + Sync {
     fn splice_in(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
-    /// Take up to `len` bytes of a WRITE payload from `socket` and write them at `offset`,
-    /// as [`ExportBackend::write_at`] would, straight into the storage (with `wait_all`,
-    /// waiting for as many as it takes). Returns how many were taken, maybe fewer than `len`
-    /// (the caller offers the rest again); 0: the client has closed the connection.
-    /// An error means that nothing was taken: `ErrorKind::Unsupported` if the backend never
-    /// can on this export, anything else if it cannot for this range now; the payload then
-    /// goes by the other paths. Called, like [`ExportBackend::splice_in`], only while
-    /// [`ExportBackend::can_splice`] is true.
-    fn receive_write(
+    /// Take the bytes of `writes` from `socket`, in order (each its request header, which
+    /// is dropped, then its payload), writing every payload at its offset straight into the
+    /// storage, as [`ExportBackend::write_at`] would (with `wait_all`, waiting for as many
+    /// as it takes). Returns how many bytes were taken, headers included, maybe fewer than
+    /// all of them and ending anywhere (the caller takes the rest by the other paths; see
+    /// [`QueuedWrite::landed`]); 0: the client has closed the connection. An error means
+    /// that nothing was taken: `ErrorKind::Unsupported` if the backend never can on this
+    /// export, anything else if it cannot for the first of these writes now. Called, like
+    /// [`ExportBackend::splice_in`], only while [`ExportBackend::can_splice`] is true, with
+    /// every write valid and inside [`ExportBackend::size`].
+    fn receive_writes(
         &self,
         _socket: BorrowedFd<'_>,
-        _offset: u64,
-        _len: usize,
+        _writes: &[QueuedWrite],
         _wait_all: bool,
     ) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
@@ -184,6 +185,39 @@ pub trait ExportBackend: Send + Sync {
             length: len,
             flags: 0,
         }])
+    }
+}
+
+/// A WRITE whose bytes are next on the socket, for [`ExportBackend::receive_writes`]:
+/// `header` bytes (its request header, already decoded, or none when the payload is
+/// received on its own), then `len` payload bytes that belong at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuedWrite {
+    pub header: usize,
+    pub offset: u64,
+    pub len: usize,
+}
+
+impl QueuedWrite {
+    /// A payload received on its own, with no header in front.
+    pub fn payload_only(offset: u64, len: usize) -> Self {
+        QueuedWrite {
+            header: 0,
+            offset,
+            len,
+        }
+    }
+
+    /// The payload ranges (offset, length) that the first `taken` bytes of `writes` put in
+    /// place: whole payloads, then the start of the one where `taken` ends.
+    pub fn landed(writes: &[QueuedWrite], taken: usize) -> impl Iterator<Item = (u64, usize)> + '_ {
+        let mut at = 0usize;
+        writes.iter().map_while(move |w| {
+            let payload_start = at.checked_add(w.header)?;
+            let got = taken.checked_sub(payload_start)?.min(w.len);
+            at = payload_start + w.len;
+            (got > 0).then_some((w.offset, got))
+        })
     }
 }
 

@@ -278,27 +278,32 @@ pub fn file_to_socket(
     Ok(done)
 }
 
-/// One recv(2) of up to `len` bytes from `socket` into memory at `dst`, such as a shared
-/// mapping of a file's page cache: the bytes received (0 at the end of the stream). The
-/// kernel does the copy, so a page it cannot write fails the call with `EFAULT` (nothing
-/// taken) or ends it early (fewer taken), never with a signal.
+/// One recvmsg(2) from `socket` into the buffers of `iov`, in order, such as pieces of a
+/// shared mapping of a file's page cache: the bytes received (0 at the end of the stream).
+/// The kernel does the copy, so a page it cannot write fails the call with `EFAULT`
+/// (nothing taken) or ends it early (fewer taken), never with a signal.
 ///
 /// # Safety
 ///
-/// `dst` must be valid for writes of `len` bytes, and nothing may hold a Rust reference to
-/// them during the call.
-pub unsafe fn socket_to_memory(
+/// Every buffer of `iov` must be valid for writes of its length, and nothing may hold a
+/// Rust reference to them during the call.
+pub unsafe fn socket_to_iovecs(
     socket: BorrowedFd<'_>,
-    dst: *mut u8,
-    len: usize,
+    iov: &[libc::iovec],
     wait_all: bool,
 ) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // recvmsg only writes where the iovecs point, never to the array itself.
+    msg.msg_iov = iov.as_ptr().cast_mut();
+    msg.msg_iovlen = iov.len() as _;
     let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
-    // SAFETY: the caller vouches for `dst`.
-    unsafe { recv_with(socket, dst, len, flags) }
+    // SAFETY: the caller vouches for the buffers; `msg` is valid for the call.
+    check(unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, flags) })
 }
 
-/// One recv(2) with `flags`, as [`socket_to_memory`] (and with its safety rules).
+/// One recv(2) of up to `len` bytes into `dst` with `flags`, with the safety rules of
+/// [`socket_to_iovecs`].
 pub(crate) unsafe fn recv_with(
     socket: BorrowedFd<'_>,
     dst: *mut u8,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::proto::{Extent, STATE_HOLE, STATE_ZERO};
 use crate::server::lock;
-use crate::{splice, ExportBackend};
+use crate::{splice, ExportBackend, QueuedWrite};
 
 /// Allocation granularity of [`MemBackend`].
 pub const BLOCK: u64 = 4096;
@@ -279,13 +279,16 @@ impl ExportBackend for MemBackend {
 }
 
 /// Whether a [`FileBackend`] takes WRITE payloads from the socket itself
-/// ([`ExportBackend::receive_write`]).
+/// ([`ExportBackend::receive_writes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Receive {
     /// Never (`Unsupported`), as most backends.
     Never,
     /// Every piece it is offered.
     Take,
+    /// At most this many bytes (headers included) of what each call offers, stopping
+    /// wherever that ends, as a backend does that meets a page it cannot write.
+    Upto(usize),
     /// Not now: each piece is refused as a range the backend cannot take at the moment.
     NotNow,
 }
@@ -303,7 +306,7 @@ pub struct FileBackend {
     copy_writes: AtomicBool,
     write_sizes: Mutex<Vec<usize>>,
     receive: Mutex<Receive>,
-    /// Pieces offered to `receive_write` (taken or not), and pieces taken.
+    /// Calls to `receive_writes` (taken or not), and calls that took bytes.
     receive_offers: AtomicUsize,
     received: AtomicUsize,
 }
@@ -329,12 +332,12 @@ impl FileBackend {
         *lock(&self.receive) = receive;
     }
 
-    /// WRITE pieces offered to [`ExportBackend::receive_write`] so far, taken or not.
+    /// Calls to [`ExportBackend::receive_writes`] so far, taken or not.
     pub fn receive_offers(&self) -> usize {
         self.receive_offers.load(Ordering::SeqCst)
     }
 
-    /// WRITE pieces the backend took from the socket itself so far.
+    /// Calls to [`ExportBackend::receive_writes`] that took bytes from the socket so far.
     pub fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
     }
@@ -432,28 +435,59 @@ impl ExportBackend for FileBackend {
         result
     }
 
-    fn receive_write(
+    fn receive_writes(
         &self,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
         self.receive_offers.fetch_add(1, Ordering::SeqCst);
-        match *lock(&self.receive) {
+        let most = match *lock(&self.receive) {
             Receive::Never => return Err(ErrorKind::Unsupported.into()),
             Receive::NotNow => return Err(io::Error::other("not now")),
-            Receive::Take => {}
+            Receive::Take => usize::MAX,
+            Receive::Upto(n) => n,
+        };
+        // Headers into one scratch buffer, payloads one after another into `payloads`.
+        let mut scratch = [0u8; 64];
+        let total: usize = writes.iter().map(|w| w.len).sum();
+        let mut payloads = vec![0u8; total];
+        assert!(
+            writes.iter().all(|w| w.header <= scratch.len()),
+            "test headers fit the scratch buffer"
+        );
+        let mut iov = Vec::new();
+        let (mut left, mut at) = (most, 0);
+        for w in writes {
+            for (base, len) in [
+                (scratch.as_mut_ptr(), w.header),
+                (payloads[at..].as_mut_ptr(), w.len),
+            ] {
+                let len = len.min(left);
+                if len > 0 {
+                    iov.push(libc::iovec {
+                        iov_base: base.cast(),
+                        iov_len: len,
+                    });
+                }
+                left -= len;
+            }
+            at += w.len;
         }
-        let mut buf = vec![0u8; len];
-        // SAFETY: the buffer is ours and valid for `len` bytes.
-        let n = unsafe { splice::socket_to_memory(socket, buf.as_mut_ptr(), len, wait_all)? };
+        // SAFETY: every iovec points into `scratch` or `payloads`, which outlive the call.
+        let n = unsafe { splice::socket_to_iovecs(socket, &iov, wait_all)? };
         // The bytes have left the socket: failing now would break the contract.
-        self.file
-            .write_all_at(&buf[..n], offset)
-            .expect("the test file takes writes");
-        lock(&self.write_sizes).push(n);
-        self.received.fetch_add(1, Ordering::SeqCst);
+        let mut at = 0;
+        for (offset, len) in QueuedWrite::landed(writes, n) {
+            self.file
+                .write_all_at(&payloads[at..at + len], offset)
+                .expect("the test file takes writes");
+            lock(&self.write_sizes).push(len);
+            at += len;
+        }
+        if n > 0 {
+            self.received.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(n)
     }
 

@@ -4,11 +4,12 @@
 //! 256 KiB land whole or not at all, larger ones piece by piece as they arrive.
 
 use std::fs::File;
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nbd::client::{Client, Handshake};
@@ -579,4 +580,178 @@ fn a_failing_spliced_write_keeps_the_connection_in_step() {
         assert_eq!(c.read(0, 4096, 0).unwrap(), pattern(4096, 1));
     }
     assert_eq!(s.file_bytes(0, MIB as usize), pattern(MIB as usize, 1));
+}
+
+/// A client stream whose writes can be held back and then sent in one go, so that the
+/// server finds a whole run of requests queued on its socket.
+struct Corked {
+    inner: Box<dyn Stream>,
+    held: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl Read for Corked {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Corked {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match lock(&self.held).as_mut() {
+            Some(held) => {
+                held.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => self.inner.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Stream for Corked {
+    fn try_clone(&self) -> io::Result<Box<dyn Stream>> {
+        self.inner.try_clone()
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        self.inner.shutdown()
+    }
+
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_timeout(timeout)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap()
+}
+
+/// A client on `stream` whose requests [`send_corked`] sends together.
+fn corked_client(stream: Box<dyn Stream>, extended: bool) -> (Client, CorkedSender) {
+    let sender = stream.try_clone().unwrap();
+    let held = Arc::new(Mutex::new(None));
+    let corked = Corked {
+        inner: stream,
+        held: held.clone(),
+    };
+    let c = Client::connect(Box::new(corked), "e", extended, &[]).unwrap();
+    (c, CorkedSender { sender, held })
+}
+
+struct CorkedSender {
+    sender: Box<dyn Stream>,
+    held: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl CorkedSender {
+    /// Runs `send` with the client's writes held back, then sends them in one write.
+    fn send_corked(&mut self, send: impl FnOnce()) {
+        *lock(&self.held) = Some(Vec::new());
+        send();
+        let bytes = lock(&self.held).take().unwrap();
+        self.sender.write_all(&bytes).unwrap();
+    }
+}
+
+/// Sends small WRITEs (and whatever `extra` adds) in one go, then checks every reply and
+/// that the data landed. Returns how many WRITEs were sent.
+fn queued_writes_land(s: &Setup, c: &mut Client, cork: &mut CorkedSender, seed: u8) -> usize {
+    let lens = [4096, 512, 32 * 1024, 1, 4095, 8192, 100, 20000];
+    let mut writes = Vec::new();
+    let mut offset = 5 * MIB;
+    for i in 0..40 {
+        let len = lens[i % lens.len()];
+        writes.push((offset, pattern(len, seed.wrapping_add(i as u8))));
+        offset += len as u64 + 512;
+    }
+    let mut cookies = Vec::new();
+    cork.send_corked(|| {
+        for (i, (offset, data)) in writes.iter().enumerate() {
+            // One with FUA and a READ among them: they end a run and are served as usual.
+            let flags = if i == 17 { proto::CMD_FLAG_FUA } else { 0 };
+            let cookie = c
+                .send_request(flags, proto::CMD_WRITE, *offset, 0, data)
+                .unwrap();
+            cookies.push(cookie);
+            if i == 25 {
+                c.send_request(0, proto::CMD_READ, writes[3].0, 4096, &[])
+                    .unwrap();
+            }
+        }
+    });
+    for _ in 0..=writes.len() {
+        let r = c.receive_reply().unwrap();
+        assert_eq!(r.error, None, "cookie {}", r.cookie);
+    }
+    for (offset, data) in &writes {
+        assert_eq!(&s.file_bytes(*offset, data.len()), data, "at {offset}");
+    }
+    writes.len()
+}
+
+/// Small WRITEs queued on the socket behind one another are given to a backend that takes
+/// payloads from the socket itself in runs, several per call, headers and all; a run ends
+/// at a request that is not such a WRITE (FUA, READ). Where the backend takes only part of
+/// a run, ending inside a header or a payload, the server finishes that WRITE itself and
+/// goes on. A backend that cannot take them now gets them the ordinary way, and reads
+/// alone never ask it. Over unix and TCP, with compact and extended headers, the data
+/// lands and every reply is a success.
+#[test]
+fn queued_small_writes_are_received_by_the_backend_in_runs() {
+    let s = setup(SIZE);
+    for transport in ["unix", "tcp"] {
+        for extended in [false, true] {
+            let what = format!("{transport}, extended {extended}");
+            let stream = if transport == "unix" {
+                s.unix()
+            } else {
+                s.tcp()
+            };
+            let (mut c, mut cork) = corked_client(stream, extended);
+            let header = if extended { 32 } else { 28 };
+
+            s.backend.set_receive(Receive::Take);
+            let (offers, received) = (s.backend.receive_offers(), s.backend.received());
+            let sent = queued_writes_land(&s, &mut c, &mut cork, 1);
+            let calls = s.backend.received() - received;
+            assert!(calls > 0, "{what}: the backend took them");
+            assert!(2 * calls <= sent, "{what}: {calls} calls for {sent} writes");
+            assert_eq!(s.backend.receive_offers() - offers, calls, "{what}");
+
+            for cut in [10, header + 100, header + 4096 + 5] {
+                s.backend.set_receive(Receive::Upto(cut));
+                let (offers, received) = (s.backend.receive_offers(), s.backend.received());
+                queued_writes_land(&s, &mut c, &mut cork, cut as u8);
+                assert!(
+                    s.backend.received() > received,
+                    "{what}: cut at {cut}: {} offers",
+                    s.backend.receive_offers() - offers
+                );
+            }
+
+            s.backend.set_receive(Receive::NotNow);
+            let received = s.backend.received();
+            queued_writes_land(&s, &mut c, &mut cork, 50);
+            assert_eq!(s.backend.received(), received, "{what}: not now");
+
+            s.backend.set_receive(Receive::Take);
+            let offers = s.backend.receive_offers();
+            let mut cookies = 0;
+            cork.send_corked(|| {
+                for i in 0..20 {
+                    c.send_request(0, proto::CMD_READ, i * 8192, 4096, &[])
+                        .unwrap();
+                    cookies += 1;
+                }
+            });
+            for _ in 0..cookies {
+                assert_eq!(c.receive_reply().unwrap().error, None, "{what}");
+            }
+            assert_eq!(s.backend.receive_offers(), offers, "{what}: reads alone");
+        }
+    }
+    s.backend.set_receive(Receive::Never);
 }

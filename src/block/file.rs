@@ -16,6 +16,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
 
+use nbd::QueuedWrite;
+
 use super::page_map::{self, PageMap};
 use super::{
     round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode, Extent,
@@ -73,8 +75,8 @@ pub struct FileDriver {
     /// an fstat per request (the image is locked against other writers, and
     /// QEMU caches it the same way).
     file_len: AtomicU64,
-    /// Where large write payloads are received into the page cache, if they can be (see
-    /// [`FileDriver::receive_write`]).
+    /// Where write payloads are received into the page cache, if they can be (see
+    /// [`FileDriver::receive_writes`]).
     page_map: Option<PageMap>,
 }
 
@@ -757,20 +759,25 @@ impl BlockDriver for FileDriver {
 
     /// Into the mapped page cache of a writable regular file on a filesystem that reserves
     /// space at the first write fault, without O_DIRECT, inside the file (see [`PageMap`]).
-    fn receive_write(
+    fn receive_writes(
         &self,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
         let Some(page_map) = &self.page_map else {
             return Err(io::ErrorKind::Unsupported.into());
         };
-        if offset.saturating_add(len as u64) > self.file_len.load(Ordering::Acquire) {
+        // Up to the first write past the end of the file, which would extend it.
+        let file_len = self.file_len.load(Ordering::Acquire);
+        let inside = writes
+            .iter()
+            .take_while(|w| w.offset.saturating_add(w.len as u64) <= file_len)
+            .count();
+        if inside == 0 {
             return Err(io::Error::other("past the end of the file"));
         }
-        page_map.receive(self.fd.as_fd(), socket, offset, len, wait_all)
+        page_map.receive(self.fd.as_fd(), socket, &writes[..inside], wait_all)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

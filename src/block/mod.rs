@@ -23,6 +23,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use nbd::QueuedWrite;
 use serde_json::{Map, Value};
 
 /// The state of one extent, as [`BlockDriver::block_status`] reports it.
@@ -152,17 +153,17 @@ pub trait BlockDriver: Send + Sync {
     fn splice_write(&self, _pipe: BorrowedFd<'_>, _offset: u64, _len: usize) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
-    /// Receives up to `len` bytes from `socket` and writes them at `offset`, as
+    /// Receives the bytes of `writes` from `socket`, in order (each its header, dropped,
+    /// then its payload), and writes every payload at its offset, as
     /// [`BlockDriver::write_vectored`] would, with no buffer in between (with `wait_all`,
-    /// waiting for as many as it takes). Returns how many were taken, maybe fewer than
-    /// `len` (0: the peer has closed).
-    /// An error means that nothing was taken: `Unsupported` if the driver never can,
-    /// anything else if it cannot for this range now.
-    fn receive_write(
+    /// waiting for as many as it takes). Returns how many bytes were taken, headers
+    /// included, maybe fewer than all (0: the peer has closed); see
+    /// [`QueuedWrite::landed`]. An error means that nothing was taken: `Unsupported` if
+    /// the driver never can, anything else if it cannot for the first write now.
+    fn receive_writes(
         &self,
         _socket: BorrowedFd<'_>,
-        _offset: u64,
-        _len: usize,
+        _writes: &[QueuedWrite],
         _wait_all: bool,
     ) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())

@@ -7,6 +7,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use nbd::QueuedWrite;
 use serde_json::{json, Value};
 
 use super::bitmap::DirtyBitmap;
@@ -176,25 +177,32 @@ impl BlockNode {
         result
     }
 
-    /// Receives up to `len` bytes from `socket` and writes them as
-    /// [`BlockNode::write_vectored`] would (see [`BlockDriver::receive_write`]), marking
-    /// what was taken dirty. `Unsupported` with `detect-zeroes`, which must look at the data;
-    /// over a probed raw image's first sector, only that write is refused.
-    pub fn receive_write(
+    /// Receives the bytes of `writes` from `socket` and writes their payloads as
+    /// [`BlockNode::write_vectored`] would (see [`BlockDriver::receive_writes`]), marking
+    /// what landed dirty. `Unsupported` with `detect-zeroes`, which must look at the data;
+    /// the receive stops before a write over a probed raw image's first sector, which is
+    /// checked on the ordinary path.
+    pub fn receive_writes(
         &self,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
         if self.policy.detect_zeroes != DetectZeroes::Off {
             return Err(io::ErrorKind::Unsupported.into());
         }
-        if self.writes_a_probed_header(offset) {
+        let unchecked = writes
+            .iter()
+            .take_while(|w| !self.writes_a_probed_header(w.offset))
+            .count();
+        if unchecked == 0 {
             return Err(io::Error::other("a write to the first sector is checked"));
         }
-        let taken = self.driver.receive_write(socket, offset, len, wait_all)?;
-        self.mark_dirty(offset, taken as u64);
+        let writes = &writes[..unchecked];
+        let taken = self.driver.receive_writes(socket, writes, wait_all)?;
+        for (offset, len) in QueuedWrite::landed(writes, taken) {
+            self.mark_dirty(offset, len as u64);
+        }
         Ok(taken)
     }
 

@@ -1,5 +1,7 @@
 //! Write payloads received from a socket straight into a file's page cache, through a
-//! shared mapping of the file.
+//! shared mapping of the file: the pieces of a large payload, or a run of small WRITEs
+//! queued on the socket, taken with one `recvmsg` whose buffers drop the request headers
+//! and put each payload in its place.
 //!
 //! A write(2) or splice(2) into the page cache pays the filesystem's write path for every
 //! call: on ext4, `ext4_block_write_begin` walks all the buffer heads of each large folio a
@@ -27,10 +29,14 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nbd::QueuedWrite;
+
 /// Bytes of the file one mapping covers, aligned to its size.
 const WINDOW: u64 = 1 << 30;
 /// Mappings kept per file, most recently used last.
 const WINDOWS: usize = 4;
+/// Most bytes of a request header dropped in front of a payload (NBD's largest is 32).
+const HEADER_MAX: usize = 64;
 
 /// One window of a file, mapped shared and writable.
 struct Window {
@@ -72,25 +78,6 @@ impl Window {
             .as_ptr()
             .wrapping_add((offset - self.base) as usize)
     }
-
-    /// Receive up to `len` bytes at file offset `offset` (inside the window, and `len` not
-    /// past its end) from `socket`, retrying when a signal interrupts.
-    fn recv(
-        &self,
-        socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
-        wait_all: bool,
-    ) -> io::Result<usize> {
-        loop {
-            // SAFETY: the range is inside the live mapping, which nothing in this process
-            // reads or writes except through system calls.
-            match unsafe { nbd::splice::socket_to_memory(socket, self.at(offset), len, wait_all) } {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                result => return result,
-            }
-        }
-    }
 }
 
 impl Drop for Window {
@@ -109,29 +96,71 @@ pub struct PageMap {
 }
 
 impl PageMap {
-    /// Receive up to `len` bytes from `socket` into the file `fd` at `offset`, where
-    /// `offset + len` is inside the file (with `wait_all`, waiting for as many as it
-    /// takes), stopping at the end of the window and before the first page not in the
-    /// page cache. Returns how many bytes were taken from the socket, all of them now in
-    /// the page cache (0: the peer has closed). An error means that nothing was taken, and
-    /// the bytes must go by another path: `Unsupported` when the file cannot be mapped;
-    /// otherwise the first page is not in the page cache, or the kernel could not make it
-    /// writable.
+    /// Receive the bytes of `writes` from `socket` (each its header, dropped, then its
+    /// payload) with one `recvmsg`, every payload into the file `fd` at its offset, which
+    /// is inside the file (with `wait_all`, waiting for as many as it takes). The receive
+    /// stops at the end of a payload's window and before the first page not in the page
+    /// cache. Returns how many bytes were taken from the socket, headers included, all the
+    /// payload bytes among them now in the page cache (0: the peer has closed). An error
+    /// means that nothing was taken, and the bytes must go by another path: `Unsupported`
+    /// when the file cannot be mapped; otherwise the first payload's first page is not in
+    /// the page cache, or the kernel could not make it writable.
     pub fn receive(
         &self,
         fd: BorrowedFd<'_>,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
-        let window = self.window(fd, offset)?;
-        let len = len.min((window.base + WINDOW - offset) as usize);
-        let len = cached_prefix(window.at(offset), len)?;
+        let mut headers = [0u8; HEADER_MAX];
+        // Each window stays mapped until the recv is done, even if evicted meanwhile.
+        let mut windows = Vec::with_capacity(writes.len());
+        let mut iov = Vec::with_capacity(2 * writes.len());
+        for w in writes {
+            if w.header > HEADER_MAX {
+                return Err(io::ErrorKind::InvalidInput.into());
+            }
+            let (window, len) = match self.place(fd, w) {
+                Ok(place) => place,
+                Err(e) if iov.is_empty() => return Err(e),
+                Err(_) => break,
+            };
+            if w.header > 0 {
+                iov.push(libc::iovec {
+                    iov_base: headers.as_mut_ptr().cast(),
+                    iov_len: w.header,
+                });
+            }
+            iov.push(libc::iovec {
+                iov_base: window.at(w.offset).cast(),
+                iov_len: len,
+            });
+            windows.push(window);
+            if len < w.len {
+                break;
+            }
+        }
+        loop {
+            // SAFETY: the iovecs point into `headers` and into the live mappings held in
+            // `windows`, which nothing in this process reads or writes except through
+            // system calls.
+            match unsafe { nbd::splice::socket_to_iovecs(socket, &iov, wait_all) } {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => return result,
+            }
+        }
+    }
+
+    /// Where the payload of `w` goes: its window, and how many of its bytes from the start
+    /// lie there in pages that are in the page cache (at least one).
+    fn place(&self, fd: BorrowedFd<'_>, w: &QueuedWrite) -> io::Result<(Arc<Window>, usize)> {
+        let window = self.window(fd, w.offset)?;
+        let len = w.len.min((window.base + WINDOW - w.offset) as usize);
+        let len = cached_prefix(window.at(w.offset), len)?;
         if len == 0 {
             return Err(io::Error::other("not in the page cache"));
         }
-        window.recv(socket, offset, len, wait_all)
+        Ok((window, len))
     }
 
     /// The window holding `offset`, mapped now if it was not.
@@ -235,7 +264,12 @@ mod tests {
         let (mut client, mut server) = UnixStream::pair().unwrap();
         client.write_all(&[0x5a; 8192]).unwrap();
         let err = map
-            .receive(file.as_fd(), server.as_fd(), 4096, 8192, true)
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[QueuedWrite::payload_only(4096, 8192)],
+                true,
+            )
             .unwrap_err();
         assert_eq!(err.to_string(), "not in the page cache");
         let mut left = [0u8; 8192];
@@ -246,12 +280,30 @@ mod tests {
         file.write_all_at(&[1; 8192], 4096).unwrap();
         client.write_all(&[0xa5; 8192]).unwrap();
         let taken = map
-            .receive(file.as_fd(), server.as_fd(), 4096, 8192, true)
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[QueuedWrite::payload_only(4096, 8192)],
+                true,
+            )
             .unwrap();
         assert_eq!(taken, 8192);
         let mut back = [0u8; 8192];
         file.read_exact_at(&mut back, 4096).unwrap();
         assert_eq!(back, [0xa5; 8192]);
+    }
+
+    /// Receives into `iov` as [`PageMap::receive`] does.
+    fn recv_into(socket: &UnixStream, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the tests' iovecs point into live mappings or buffers.
+        unsafe { nbd::splice::socket_to_iovecs(socket.as_fd(), iov, true) }
+    }
+
+    fn iovec(base: *mut u8, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        }
     }
 
     /// What makes the mapping safe: a page the kernel cannot make writable (here, past the
@@ -266,7 +318,7 @@ mod tests {
         let (mut client, mut server) = UnixStream::pair().unwrap();
         for (offset, len) in [(8192, 100), (4000, 200)] {
             client.write_all(&vec![0x77; len]).unwrap();
-            let err = window.recv(server.as_fd(), offset, len, true).unwrap_err();
+            let err = recv_into(&server, &[iovec(window.at(offset), len)]).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "at {offset}");
             let mut left = vec![0u8; len];
             server.read_exact(&mut left).unwrap();
@@ -277,6 +329,117 @@ mod tests {
             );
         }
         assert_eq!(file.metadata().unwrap().len(), 4096);
+    }
+
+    /// The same inside a run of writes: the recv ends before the payload that faults
+    /// (or fails, if nothing was taken), counts no byte it did not take, and what it did
+    /// not take is still in the socket, in order.
+    #[test]
+    fn a_page_that_cannot_be_written_ends_a_run_where_it_is() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.write_all_at(&[0; 4096], 0).unwrap();
+        let window = Window::map(file.as_fd(), 0).unwrap();
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        let mut header = [0u8; 28];
+        let first: Vec<u8> = [[0xee; 28].as_slice(), &[1; 100]].concat();
+        let second: Vec<u8> = [[0xdd; 28].as_slice(), &[2; 100]].concat();
+        // Two sends, as a client sends two requests.
+        client.write_all(&first).unwrap();
+        client.write_all(&second).unwrap();
+        let iov = [
+            iovec(header.as_mut_ptr(), 28),
+            iovec(window.at(0), 100),
+            iovec(header.as_mut_ptr(), 28),
+            iovec(window.at(8192), 100),
+        ];
+        let taken = recv_into(&server, &iov).unwrap_or(0);
+        assert!(taken <= 28 + 100 + 28, "took {taken} bytes");
+        let stream = [first, second].concat();
+        let mut left = vec![0u8; stream.len() - taken];
+        server.read_exact(&mut left).unwrap();
+        assert_eq!(
+            left,
+            &stream[taken..],
+            "the socket holds what was not taken"
+        );
+        if taken >= 128 {
+            let mut back = [0u8; 100];
+            file.read_exact_at(&mut back, 0).unwrap();
+            assert_eq!(back, [1; 100]);
+        }
+    }
+
+    /// A run's headers are dropped and each payload lands at its own offset, in windows of
+    /// their own.
+    #[test]
+    fn a_run_of_writes_lands_with_its_headers_dropped() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.set_len(WINDOW + 65536).unwrap();
+        file.write_all_at(&[0; 65536], 0).unwrap();
+        file.write_all_at(&[0; 65536], WINDOW).unwrap();
+        let map = PageMap::default();
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        let writes = [(8192, 4096, 1u8), (WINDOW + 100, 300, 2), (0, 4096, 3)];
+        let mut queued = Vec::new();
+        for (offset, len, fill) in writes {
+            client.write_all(&[0xee; 32]).unwrap();
+            client.write_all(&vec![fill; len]).unwrap();
+            queued.push(QueuedWrite {
+                header: 32,
+                offset,
+                len,
+            });
+        }
+        client.write_all(b"next").unwrap();
+        let taken = map
+            .receive(file.as_fd(), server.as_fd(), &queued, true)
+            .unwrap();
+        assert_eq!(taken, 3 * 32 + 4096 + 300 + 4096);
+        for (offset, len, fill) in writes {
+            let mut back = vec![0u8; len];
+            file.read_exact_at(&mut back, offset).unwrap();
+            assert_eq!(back, vec![fill; len], "at {offset}");
+        }
+        let mut next = [0u8; 4];
+        server.read_exact(&mut next).unwrap();
+        assert_eq!(&next, b"next", "the run was taken, and nothing after it");
+    }
+
+    /// A run stops before the header of the first write onto a page not in the page cache,
+    /// and after the cached start of a payload that runs into one.
+    #[test]
+    fn a_run_stops_at_the_first_page_not_in_the_page_cache() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[0; 8192], 0).unwrap();
+        let map = PageMap::default();
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(&[9; 3 * (28 + 4096)]).unwrap();
+        let at = |offset| QueuedWrite {
+            header: 28,
+            offset,
+            len: 4096,
+        };
+        let taken = map
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[at(0), at(65536), at(4096)],
+                true,
+            )
+            .unwrap();
+        assert_eq!(taken, 28 + 4096, "stops before the second header");
+        let taken = map
+            .receive(file.as_fd(), server.as_fd(), &[at(6144), at(0)], true)
+            .unwrap();
+        assert_eq!(taken, 28 + 2048, "stops where the cached pages end");
+        let err = map
+            .receive(file.as_fd(), server.as_fd(), &[at(65536)], true)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "not in the page cache");
     }
 
     /// A range that runs from cached pages into uncached ones is received up to the first
@@ -291,7 +454,12 @@ mod tests {
         let (mut client, server) = UnixStream::pair().unwrap();
         client.write_all(&[3; 12000]).unwrap();
         let taken = map
-            .receive(file.as_fd(), server.as_fd(), 100, 12000, true)
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[QueuedWrite::payload_only(100, 12000)],
+                true,
+            )
             .unwrap();
         assert_eq!(taken, 8192 - 100);
     }
@@ -307,11 +475,21 @@ mod tests {
         let payload: Vec<u8> = (0..100u8).collect();
         client.write_all(&payload).unwrap();
         let first = map
-            .receive(file.as_fd(), server.as_fd(), WINDOW - 10, 100, true)
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[QueuedWrite::payload_only(WINDOW - 10, 100)],
+                true,
+            )
             .unwrap();
         assert_eq!(first, 10, "the first window ends 10 bytes in");
         let rest = map
-            .receive(file.as_fd(), server.as_fd(), WINDOW, 90, true)
+            .receive(
+                file.as_fd(),
+                server.as_fd(),
+                &[QueuedWrite::payload_only(WINDOW, 90)],
+                true,
+            )
             .unwrap();
         assert_eq!(rest, 90);
         let mut back = [0u8; 100];
@@ -332,7 +510,12 @@ mod tests {
             file.write_all_at(&[0; 4096], w * WINDOW).unwrap();
             client.write_all(&[w as u8 + 1; 4096]).unwrap();
             let taken = map
-                .receive(file.as_fd(), server.as_fd(), w * WINDOW, 4096, true)
+                .receive(
+                    file.as_fd(),
+                    server.as_fd(),
+                    &[QueuedWrite::payload_only(w * WINDOW, 4096)],
+                    true,
+                )
                 .unwrap();
             assert_eq!(taken, 4096);
         }

@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
+use nbd::QueuedWrite;
 use serde_json::{Map, Value};
 
 use super::{
@@ -180,20 +181,27 @@ impl BlockDriver for RawDriver {
         self.child.splice_write(pipe, at, len)
     }
 
-    fn receive_write(
+    fn receive_writes(
         &self,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
         // Never on this node: the write path gives the EPERM.
         if self.read_only {
             return Err(io::ErrorKind::Unsupported.into());
         }
-        let at = self.translate(offset, len as u64)?;
+        // Up to the first write out of range, which the write path refuses.
+        let mut translated = Vec::with_capacity(writes.len());
+        for w in writes {
+            match self.translate(w.offset, w.len as u64) {
+                Ok(offset) => translated.push(QueuedWrite { offset, ..*w }),
+                Err(e) if translated.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
         // Through the child node, as write_vectored.
-        self.child.receive_write(socket, at, len, wait_all)
+        self.child.receive_writes(socket, &translated, wait_all)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -447,7 +455,9 @@ mod tests {
     }
 
     /// Writes received straight from a socket take the same path too, and a refused one
-    /// leaves its bytes in the socket.
+    /// leaves its bytes in the socket. A run of them has its headers dropped and stops
+    /// before a write out of the window, and before one over a probed image's first
+    /// sector, which the write path must check.
     #[test]
     fn received_writes_go_where_copied_ones_go() {
         use std::io::{Read, Write};
@@ -456,17 +466,51 @@ mod tests {
         let (mut graph, img, file, raw) = window_with_bitmaps();
         // The image was just written, so its pages are in the page cache.
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        client.write_all(&[0xab; 3000]).unwrap();
-        let taken = raw.receive_write(server.as_fd(), 4096, 3000, true).unwrap();
-        assert_eq!(taken, 3000);
+        let run = [(4096, 3000, 0xab), (16384 - 256, 512, 0xcd)];
+        for (_, len, fill) in run {
+            client.write_all(&[0xee; 28]).unwrap();
+            client.write_all(&vec![fill; len]).unwrap();
+        }
+        let writes = run.map(|(offset, len, _)| QueuedWrite {
+            header: 28,
+            offset,
+            len,
+        });
+        let taken = raw.receive_writes(server.as_fd(), &writes, true).unwrap();
+        assert_eq!(taken, 28 + 3000, "up to the write out of the window");
         check_landed_at_4096(&img, &file, &raw);
-
         let mut server_side = server.try_clone().unwrap();
+        let mut rest = [0u8; 28 + 512];
+        server_side.read_exact(&mut rest).unwrap();
+        assert_eq!(rest[28..], [0xcd; 512], "the socket holds the rest");
+
+        raw.set_probed_raw();
+        client.write_all(&[0x5a; 2 * (28 + 512)]).unwrap();
+        let at = |offset| QueuedWrite {
+            header: 28,
+            offset,
+            len: 512,
+        };
+        let taken = raw
+            .receive_writes(server.as_fd(), &[at(8192), at(0)], true)
+            .unwrap();
+        assert_eq!(taken, 28 + 512, "up to the write over the first sector");
+        let err = raw
+            .receive_writes(server.as_fd(), &[at(0)], true)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "a write to the first sector is checked");
+        server_side.read_exact(&mut rest).unwrap();
+        assert_eq!(rest, [0x5a; 28 + 512], "the socket is as it was");
+
         let mut left = [0u8; 512];
         // Past the window: refused before anything leaves the socket.
         client.write_all(&[0xcd; 512]).unwrap();
         let err = raw
-            .receive_write(server.as_fd(), 16384 - 256, 512, true)
+            .receive_writes(
+                server.as_fd(),
+                &[QueuedWrite::payload_only(16384 - 256, 512)],
+                true,
+            )
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         server_side.read_exact(&mut left).unwrap();
@@ -475,7 +519,7 @@ mod tests {
         let (_other, zeroes) = detect_zeroes_node(&mut graph);
         client.write_all(&[0; 512]).unwrap();
         let err = zeroes
-            .receive_write(server.as_fd(), 0, 512, true)
+            .receive_writes(server.as_fd(), &[QueuedWrite::payload_only(0, 512)], true)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
         server_side.read_exact(&mut left).unwrap();

@@ -5,6 +5,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
+use nbd::QueuedWrite;
+
 use crate::block::{BlockNode, ZeroFlags};
 
 /// Which metadata a context of an NBD export reports.
@@ -108,18 +110,17 @@ impl nbd::ExportBackend for NodeDisk {
         self.after_write(false)
     }
 
-    fn receive_write(
+    fn receive_writes(
         &self,
         socket: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        writes: &[QueuedWrite],
         wait_all: bool,
     ) -> io::Result<usize> {
         // A flush after the bytes are taken could not fail the write without losing them.
         if self.writethrough {
             return Err(io::ErrorKind::Unsupported.into());
         }
-        self.node.receive_write(socket, offset, len, wait_all)
+        self.node.receive_writes(socket, writes, wait_all)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -242,7 +243,7 @@ mod tests {
 
         let through = NodeDisk::new(Arc::clone(&node), true, Vec::new());
         let err = through
-            .receive_write(server.as_fd(), 0, 4096, true)
+            .receive_writes(server.as_fd(), &[QueuedWrite::payload_only(0, 4096)], true)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
         let mut left = [0u8; 4096];
@@ -252,7 +253,8 @@ mod tests {
         client.write_all(&[2; 4096]).unwrap();
         let back = NodeDisk::new(node, false, Vec::new());
         assert_eq!(
-            back.receive_write(server.as_fd(), 0, 4096, true).unwrap(),
+            back.receive_writes(server.as_fd(), &[QueuedWrite::payload_only(0, 4096)], true)
+                .unwrap(),
             4096
         );
         assert_eq!(std::fs::read(img.path()).unwrap()[..4096], [2; 4096]);
