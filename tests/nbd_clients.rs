@@ -755,7 +755,7 @@ fn writes_onto_cached_pages_are_received_into_the_page_cache() {
         qemu_io_writeback(&commands, uri);
         let kib = mapped_kib() - before;
         assert!(
-            (4..=64).contains(&kib),
+            (12..=64).contains(&kib),
             "{kib} KiB newly resident after 4 small writes"
         );
     };

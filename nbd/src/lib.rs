@@ -209,15 +209,21 @@ impl QueuedWrite {
     }
 
     /// The payload ranges (offset, length) that the first `taken` bytes of `writes` put in
-    /// place: whole payloads, then the start of the one where `taken` ends.
+    /// place: whole payloads, then the start of the one where `taken` ends (empty ones are
+    /// left out).
     pub fn landed(writes: &[QueuedWrite], taken: usize) -> impl Iterator<Item = (u64, usize)> + '_ {
         let mut at = 0usize;
-        writes.iter().map_while(move |w| {
-            let payload_start = at.checked_add(w.header)?;
-            let got = taken.checked_sub(payload_start)?.min(w.len);
-            at = payload_start + w.len;
-            (got > 0).then_some((w.offset, got))
-        })
+        writes
+            .iter()
+            .map_while(move |w| {
+                let payload_start = at.saturating_add(w.header);
+                if taken < payload_start {
+                    return None;
+                }
+                at = payload_start.saturating_add(w.len);
+                Some((w.offset, (taken - payload_start).min(w.len)))
+            })
+            .filter(|&(_, len)| len > 0)
     }
 }
 
@@ -305,4 +311,36 @@ pub enum Error {
         errno: u32,
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QueuedWrite;
+
+    #[test]
+    fn landed_names_the_payload_bytes_taken() {
+        let w = |header, offset, len| QueuedWrite {
+            header,
+            offset,
+            len,
+        };
+        let run = [w(28, 100, 10), w(28, 500, 0), w(28, 900, 20), w(0, 2000, 5)];
+        let landed = |taken| QueuedWrite::landed(&run, taken).collect::<Vec<_>>();
+        assert_eq!(landed(0), []);
+        assert_eq!(landed(28), [], "a header alone lands nothing");
+        assert_eq!(landed(33), [(100, 5)]);
+        assert_eq!(landed(38), [(100, 10)]);
+        assert_eq!(
+            landed(38 + 28 + 28 + 1),
+            [(100, 10), (900, 1)],
+            "past an empty one"
+        );
+        assert_eq!(landed(38 + 56 + 20), [(100, 10), (900, 20)]);
+        assert_eq!(landed(38 + 56 + 23), [(100, 10), (900, 20), (2000, 3)]);
+        assert_eq!(
+            landed(usize::MAX),
+            [(100, 10), (900, 20), (2000, 5)],
+            "no more than the run"
+        );
+    }
 }

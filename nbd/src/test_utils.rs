@@ -309,6 +309,8 @@ pub struct FileBackend {
     /// Calls to `receive_writes` (taken or not), and calls that took bytes.
     receive_offers: AtomicUsize,
     received: AtomicUsize,
+    /// How long each ordinary write sleeps first (a slow write path).
+    write_delay: Mutex<Duration>,
 }
 
 impl FileBackend {
@@ -324,7 +326,13 @@ impl FileBackend {
             receive: Mutex::new(Receive::Never),
             receive_offers: AtomicUsize::new(0),
             received: AtomicUsize::new(0),
+            write_delay: Mutex::new(Duration::ZERO),
         }
+    }
+
+    /// Make every ordinary write ([`ExportBackend::write_at`]) sleep this long first.
+    pub fn set_write_delay(&self, delay: Duration) {
+        *lock(&self.write_delay) = delay;
     }
 
     /// Whether WRITE payloads are taken from the socket by the backend from now on.
@@ -391,6 +399,7 @@ impl ExportBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+        std::thread::sleep(*lock(&self.write_delay));
         lock(&self.write_sizes).push(buf.len());
         self.file.write_all_at(buf, offset)
     }
@@ -456,13 +465,11 @@ impl ExportBackend for FileBackend {
             writes.iter().all(|w| w.header <= scratch.len()),
             "test headers fit the scratch buffer"
         );
+        let (headers, payload_base) = (scratch.as_mut_ptr(), payloads.as_mut_ptr());
         let mut iov = Vec::new();
         let (mut left, mut at) = (most, 0);
         for w in writes {
-            for (base, len) in [
-                (scratch.as_mut_ptr(), w.header),
-                (payloads[at..].as_mut_ptr(), w.len),
-            ] {
+            for (base, len) in [(headers, w.header), (payload_base.wrapping_add(at), w.len)] {
                 let len = len.min(left);
                 if len > 0 {
                     iov.push(libc::iovec {

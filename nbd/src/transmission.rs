@@ -87,6 +87,9 @@ const STREAM_MIN: u64 = 256 * 1024;
 const QUEUED_WRITE_MAX: u64 = 32 * 1024;
 /// Most WRITEs taken in one call (two iovecs each, of the kernel's 1024).
 const QUEUED_WRITES_MAX: usize = 256;
+/// Requests read the ordinary way after the backend took none of a run, before the next
+/// peek (see `peek_backoff` in [`run`]).
+const PEEK_BACKOFF: u32 = 64;
 /// The reader hands cheap requests to the pool once this many of the last 64 were slow...
 const SLOW_TO_POOL: u32 = 4;
 /// ... and serves them again once at most this many of the last 64 were.
@@ -354,7 +357,10 @@ pub(crate) fn run(
     // While the requests read are small WRITEs, the next are looked at on the socket first,
     // so that their payloads can go straight to the backend (see `receive_queued_writes`).
     let mut peek_for_writes = false;
-    let mut peek = Peek::new();
+    let mut peek = Peek::default();
+    // Requests to read the ordinary way before peeking again, after the backend took none
+    // of a run: each peek copies what is queued, in vain while it cannot take them.
+    let mut peek_backoff = 0u32;
 
     loop {
         // Reading may block: the client must have every reply it can get first.
@@ -395,21 +401,21 @@ pub(crate) fn run(
                 let _ = poll.wait_readable(socket);
             }
         }
-        if peek_for_writes && inline && reader.buffer().is_empty() {
+        // Also while the pool serves the rest: the backend takes only what it can without
+        // waiting (a file, pages in the page cache), and a slow write path is what it spares.
+        if peek_for_writes && reader.buffer().is_empty() {
             if let Some(socket) = reader.get_ref().stream.plain_socket() {
-                if peek.len == 0 {
+                if peek.is_empty() {
                     peek.fill(socket, true);
                 }
-                if let Some(whole) = session.queued_write_pending(peek.bytes()) {
-                    // The client is still sending it: wait for it whole.
-                    peek.fill_at_least(socket, whole);
-                }
+                // A WRITE still arriving is read the ordinary way.
                 let run = session.queued_writes(peek.bytes());
-                peek.clear();
                 if !run.is_empty() {
+                    peek.clear();
                     match session.receive_queued_writes(socket, &run, &mut batch) {
+                        Ok(true) if session.broken.load(Ordering::SeqCst) => break,
                         Ok(true) => continue,
-                        Ok(false) => {}
+                        Ok(false) => peek_backoff = PEEK_BACKOFF,
                         Err(e) => {
                             debug!("NBD client {id}: connection lost inside a WRITE: {e}");
                             break;
@@ -457,7 +463,8 @@ pub(crate) fn run(
                     break;
                 }
             };
-        peek_for_writes = session.is_queued_write(&request.header);
+        peek_backoff = peek_backoff.saturating_sub(1);
+        peek_for_writes = plain && peek_backoff == 0 && session.is_queued_write(&request.header);
         let cheap = is_cheap(&request.header, session.splicing.load(Ordering::Relaxed));
         if cheap {
             let slow = session.slow_history.load(Ordering::Relaxed).count_ones();
@@ -473,7 +480,8 @@ pub(crate) fn run(
         }
         // Alone (nothing running, nothing more queued), a request gains nothing from a
         // hand-off.
-        let alone = reader.buffer().len() == buffered && in_flight.idle();
+        // (After an exact read the socket may hold more, unseen.)
+        let alone = !exact && reader.buffer().len() == buffered && in_flight.idle();
         batch.client_asleep = alone && waiting_since.elapsed() >= CLIENT_ASLEEP;
         if alone || (inline && cheap) {
             if !cheap {
@@ -630,48 +638,33 @@ fn read_queued(reader: &mut Reader) -> bool {
 /// there: the headers of the WRITEs among them say where their payloads go before the
 /// payloads are received (see [`Session::receive_queued_writes`]). Always a prefix of
 /// what the socket holds, since only the reader takes bytes from it.
+#[derive(Default)]
 struct Peek {
+    /// Allocated at the first peek: most connections never peek.
     buf: Vec<u8>,
     len: usize,
 }
 
 impl Peek {
-    fn new() -> Self {
-        Peek {
-            buf: vec![0; READ_BUFFER],
-            len: 0,
-        }
-    }
-
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     fn clear(&mut self) {
         self.len = 0;
     }
 
-    /// Copy at least the first `len` bytes the socket holds (at most a buffer's worth),
-    /// waiting for them; what is held now.
-    fn fill_at_least(&mut self, socket: BorrowedFd<'_>, len: usize) -> usize {
-        let len = len.min(self.buf.len());
-        self.len = loop {
-            match recv_some(
-                socket,
-                &mut self.buf[..len],
-                libc::MSG_PEEK | libc::MSG_WAITALL,
-            ) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                result => break result.unwrap_or(0),
-            }
-        };
-        self.len
-    }
-
     /// Copy what the socket holds (waiting for something if `wait`); how much is held now
     /// (0 also at the end of the stream or on an error, which show again on the next read).
     fn fill(&mut self, socket: BorrowedFd<'_>, wait: bool) -> usize {
         let flags = libc::MSG_PEEK | if wait { 0 } else { libc::MSG_DONTWAIT };
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_BUFFER];
+        }
         self.len = loop {
             match recv_some(socket, &mut self.buf, flags) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -1101,14 +1094,6 @@ impl Session {
             && self.validate(h).is_ok()
     }
 
-    /// The size of the request `queued` starts with if it is a WRITE to receive straight
-    /// into the backend that `queued` holds only the start of.
-    fn queued_write_pending(&self, queued: &[u8]) -> Option<usize> {
-        let h = self.decode_header(queued)?;
-        let whole = self.header_size() + h.length as usize;
-        (self.is_queued_write(&h) && queued.len() < whole).then_some(whole)
-    }
-
     /// The WRITEs at the start of `queued` that are there whole and can be received
     /// straight into the backend, up to the first request that cannot.
     fn queued_writes(&self, mut queued: &[u8]) -> Vec<(RequestHeader, QueuedWrite)> {
@@ -1118,8 +1103,12 @@ impl Session {
             let Some(h) = self.decode_header(queued) else {
                 break;
             };
+            // Checked first: it bounds the length.
+            if !self.is_queued_write(&h) {
+                break;
+            }
             let whole = header + h.length as usize;
-            if !self.is_queued_write(&h) || queued.len() < whole {
+            if queued.len() < whole {
                 break;
             }
             let write = QueuedWrite {

@@ -113,12 +113,19 @@ impl PageMap {
         wait_all: bool,
     ) -> io::Result<usize> {
         let mut headers = [0u8; HEADER_MAX];
-        // Each window stays mapped until the recv is done, even if evicted meanwhile.
-        let mut windows = Vec::with_capacity(writes.len());
+        let headers = headers.as_mut_ptr();
+        // The windows of the run, kept mapped until the recv is done.
+        let mut windows: Vec<Arc<Window>> = Vec::with_capacity(WINDOWS);
         let mut iov = Vec::with_capacity(2 * writes.len());
         for w in writes {
             if w.header > HEADER_MAX {
                 return Err(io::ErrorKind::InvalidInput.into());
+            }
+            // A run ends before it would evict one of its own windows.
+            let base = w.offset - w.offset % WINDOW;
+            let new_window = !windows.iter().any(|held| held.base == base);
+            if new_window && windows.len() == WINDOWS {
+                break;
             }
             let (window, len) = match self.place(fd, w) {
                 Ok(place) => place,
@@ -127,7 +134,7 @@ impl PageMap {
             };
             if w.header > 0 {
                 iov.push(libc::iovec {
-                    iov_base: headers.as_mut_ptr().cast(),
+                    iov_base: headers.cast(),
                     iov_len: w.header,
                 });
             }
@@ -135,7 +142,9 @@ impl PageMap {
                 iov_base: window.at(w.offset).cast(),
                 iov_len: len,
             });
-            windows.push(window);
+            if new_window {
+                windows.push(window);
+            }
             if len < w.len {
                 break;
             }
@@ -177,6 +186,8 @@ impl PageMap {
         }
         let window = match Window::map(fd, base) {
             Ok(window) => Arc::new(window),
+            // Short of memory or address space: maybe not later.
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => return Err(e),
             Err(e) => {
                 log::debug!("cannot map the file to receive writes into it: {e}");
                 self.unmappable.store(true, Ordering::Relaxed);
@@ -353,7 +364,13 @@ mod tests {
             iovec(header.as_mut_ptr(), 28),
             iovec(window.at(8192), 100),
         ];
-        let taken = recv_into(&server, &iov).unwrap_or(0);
+        let taken = match recv_into(&server, &iov) {
+            Ok(taken) => taken,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
+                0
+            }
+        };
         assert!(taken <= 28 + 100 + 28, "took {taken} bytes");
         let stream = [first, second].concat();
         let mut left = vec![0u8; stream.len() - taken];
@@ -405,6 +422,35 @@ mod tests {
         let mut next = [0u8; 4];
         server.read_exact(&mut next).unwrap();
         assert_eq!(&next, b"next", "the run was taken, and nothing after it");
+    }
+
+    /// A run ends before a write that would need more windows than stay mapped.
+    #[test]
+    fn a_run_keeps_its_windows_mapped() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let file = open(img.path());
+        let windows = WINDOWS as u64 + 2;
+        file.set_len(windows * WINDOW).unwrap();
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let mut run = Vec::new();
+        for w in 0..windows {
+            file.write_all_at(&[0; 4096], w * WINDOW).unwrap();
+            // Two in each window.
+            for offset in [w * WINDOW, w * WINDOW + 200] {
+                client.write_all(&[0xee; 28]).unwrap();
+                client.write_all(&[w as u8 + 1; 100]).unwrap();
+                run.push(QueuedWrite {
+                    header: 28,
+                    offset,
+                    len: 100,
+                });
+            }
+        }
+        let map = PageMap::default();
+        let taken = map
+            .receive(file.as_fd(), server.as_fd(), &run, false)
+            .unwrap();
+        assert_eq!(taken, 2 * WINDOWS * 128, "the writes in the first windows");
     }
 
     /// A run stops before the header of the first write onto a page not in the page cache,
