@@ -649,10 +649,18 @@ struct CorkedSender {
 impl CorkedSender {
     /// Runs `send` with the client's writes held back, then sends them in one write.
     fn send_corked(&mut self, send: impl FnOnce()) {
+        self.send_split(send, 0);
+    }
+
+    /// As [`CorkedSender::send_corked`], but the first `at` bytes first, and the rest a
+    /// little later.
+    fn send_split(&mut self, send: impl FnOnce(), at: usize) {
         *lock(&self.held) = Some(Vec::new());
         send();
         let bytes = lock(&self.held).take().unwrap();
-        self.sender.write_all(&bytes).unwrap();
+        self.sender.write_all(&bytes[..at]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        self.sender.write_all(&bytes[at..]).unwrap();
     }
 }
 
@@ -719,7 +727,7 @@ fn queued_writes_land(s: &Setup, c: &mut Client, cork: &mut CorkedSender, seed: 
 /// payloads from the socket itself in runs, several per call, headers and all; a run ends
 /// at a request that is not such a WRITE (FUA, READ, past the end of the export). Where the backend takes only part of
 /// a run, ending inside a header or a payload, the server finishes that WRITE itself and
-/// goes on. Runs are taken so even while the ordinary writes are slow enough for the pool
+/// goes on. A WRITE whose payload is still arriving is taken too. Runs are taken even while the ordinary writes are slow enough for the pool
 /// to serve them. A backend that cannot take them now gets them the ordinary way, and
 /// reads alone never ask it. Over unix and TCP, with compact and extended headers, the data
 /// lands and every reply is a success.
@@ -744,6 +752,21 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
             assert!(calls > 0, "{what}: the backend took them");
             assert!(calls < sent, "{what}: {calls} calls for {sent} writes");
             assert_eq!(s.backend.receive_offers() - offers, calls, "{what}");
+
+            // One whose payload is still arriving when it is looked at (after a first
+            // WRITE, read the ordinary way): taken all the same.
+            c.write(0, &[1; 512], 0).unwrap();
+            let received = s.backend.received();
+            cork.send_split(
+                || {
+                    c.send_request(0, proto::CMD_WRITE, 4096, 0, &[9; 8192])
+                        .unwrap();
+                },
+                header + 100,
+            );
+            assert_eq!(c.receive_reply().unwrap().error, None, "{what}");
+            assert_eq!(s.backend.received(), received + 1, "{what}: arriving");
+            assert_eq!(s.file_bytes(4096, 8192), [9; 8192], "{what}");
 
             for cut in [10, header + 100, header + 4096 + 5] {
                 s.backend.set_receive(Receive::Upto(cut));
