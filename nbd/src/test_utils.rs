@@ -309,6 +309,8 @@ pub struct FileBackend {
     /// Calls to `receive_writes` (taken or not), and calls that took bytes.
     receive_offers: AtomicUsize,
     received: AtomicUsize,
+    /// The most WRITEs offered in one call that took bytes.
+    longest_run: AtomicUsize,
     /// How long each ordinary write sleeps first (a slow write path).
     write_delay: Mutex<Duration>,
 }
@@ -326,6 +328,7 @@ impl FileBackend {
             receive: Mutex::new(Receive::Never),
             receive_offers: AtomicUsize::new(0),
             received: AtomicUsize::new(0),
+            longest_run: AtomicUsize::new(0),
             write_delay: Mutex::new(Duration::ZERO),
         }
     }
@@ -348,6 +351,12 @@ impl FileBackend {
     /// Calls to [`ExportBackend::receive_writes`] that took bytes from the socket so far.
     pub fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
+    }
+
+    /// The most WRITEs offered in one call to [`ExportBackend::receive_writes`] that took
+    /// bytes from the socket.
+    pub fn longest_run(&self) -> usize {
+        self.longest_run.load(Ordering::SeqCst)
     }
 
     /// The sizes of the writes so far, in order; clears the record.
@@ -494,6 +503,7 @@ impl ExportBackend for FileBackend {
         }
         if n > 0 {
             self.received.fetch_add(1, Ordering::SeqCst);
+            self.longest_run.fetch_max(writes.len(), Ordering::SeqCst);
         }
         Ok(n)
     }

@@ -6,7 +6,7 @@
 //! that may wait for the disk (FLUSH, FUA, TRIM, WRITE_ZEROES, CACHE) go to a bounded pool of
 //! worker threads, and so does everything while the backend is seen to be slow (an inline
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
-//! again. Replies are written whole under the connection's send lock, in completion order.
+//! again, except runs of small WRITEs that the backend takes from the socket itself. Replies are written whole under the connection's send lock, in completion order.
 //! Before the reader sleeps on the socket it polls it for a while (see [`crate::poll`]);
 //! large reads from files are spliced (see [`crate::splice`]); large writes are written while
 //! their payload arrives (see [`Session::stream_write`]); small writes queued behind one
@@ -408,10 +408,10 @@ pub(crate) fn run(
                 if peek.is_empty() {
                     peek.fill(socket, true);
                 }
-                let (run, arriving) = session.queued_writes(peek.bytes());
+                let run = session.queued_writes(peek.bytes());
                 if !run.is_empty() {
                     peek.clear();
-                    match session.receive_queued_writes(socket, &run, arriving, &mut batch) {
+                    match session.receive_queued_writes(socket, &run, &mut batch) {
                         Ok(true) if session.broken.load(Ordering::SeqCst) => break,
                         Ok(true) => continue,
                         Ok(false) => peek_backoff = PEEK_BACKOFF,
@@ -1094,10 +1094,10 @@ impl Session {
     }
 
     /// The WRITEs at the start of `queued` that are there whole and can be received
-    /// straight into the backend, up to the first request that cannot; or the first alone
-    /// while its payload is still arriving (the receive waits for the rest, as the ordinary
-    /// read would, and no reply waits with it). Whether it is that one.
-    fn queued_writes(&self, mut queued: &[u8]) -> (Vec<(RequestHeader, QueuedWrite)>, bool) {
+    /// straight into the backend, up to the first request that cannot. One still arriving
+    /// is left to the ordinary path, which reads it whole before it writes: received in
+    /// place, it would be torn if the client went away halfway.
+    fn queued_writes(&self, mut queued: &[u8]) -> Vec<(RequestHeader, QueuedWrite)> {
         let header = self.header_size();
         let mut run = Vec::new();
         while run.len() < QUEUED_WRITES_MAX {
@@ -1115,16 +1115,12 @@ impl Session {
                 len: h.length as usize,
             };
             if queued.len() < whole {
-                if run.is_empty() {
-                    run.push((h, write));
-                    return (run, true);
-                }
                 break;
             }
             run.push((h, write));
             queued = &queued[whole..];
         }
-        (run, false)
+        run
     }
 
     /// Receive a run of small WRITEs queued on the socket (`run`, from
@@ -1133,19 +1129,16 @@ impl Session {
     /// copy into the reader's buffer and the filesystem's write path for each of them.
     /// Replies go into `batch`. Returns false when the backend took nothing (the requests
     /// are still on the socket, for the ordinary path). A payload the backend took only the
-    /// start of is finished here with an ordinary write. `arriving`: the run is one WRITE
-    /// whose payload is still arriving, so the time it takes is not the backend's. Errors:
-    /// the connection is lost.
+    /// start of is finished here with an ordinary write. Errors: the connection is lost.
     fn receive_queued_writes(
         &self,
         socket: BorrowedFd<'_>,
         run: &[(RequestHeader, QueuedWrite)],
-        arriving: bool,
         batch: &mut Batch,
     ) -> io::Result<bool> {
         let writes: Vec<QueuedWrite> = run.iter().map(|(_, w)| *w).collect();
         let start = Instant::now();
-        // The client has sent it all, or is sending the rest of the last.
+        // Everything is already queued: waiting for all of it costs nothing.
         let taken = match self.export.backend.receive_writes(socket, &writes, true) {
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(taken) => taken,
@@ -1170,7 +1163,7 @@ impl Session {
             at = end;
         }
         // Each WRITE taken counts as one request of the average share.
-        for _ in 0..served * u32::from(!arriving) {
+        for _ in 0..served {
             self.note_service(busy / served, (taken / served as usize) as u64);
         }
         Ok(true)

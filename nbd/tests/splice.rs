@@ -649,17 +649,23 @@ struct CorkedSender {
 impl CorkedSender {
     /// Runs `send` with the client's writes held back, then sends them in one write.
     fn send_corked(&mut self, send: impl FnOnce()) {
-        self.send_split(send, 0);
+        self.send_split(send, 0, false);
     }
 
-    /// As [`CorkedSender::send_corked`], but the first `at` bytes first, and the rest a
-    /// little later.
-    fn send_split(&mut self, send: impl FnOnce(), at: usize) {
+    /// As [`CorkedSender::send_corked`], but the first `at` bytes first and, unless
+    /// `vanish`, the rest a little later.
+    fn send_split(&mut self, send: impl FnOnce(), at: usize, vanish: bool) {
         *lock(&self.held) = Some(Vec::new());
         send();
         let bytes = lock(&self.held).take().unwrap();
         self.sender.write_all(&bytes[..at]).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        if vanish {
+            self.sender.shutdown().unwrap();
+            return;
+        }
+        if at > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.sender.write_all(&bytes[at..]).unwrap();
     }
 }
@@ -725,12 +731,14 @@ fn queued_writes_land(s: &Setup, c: &mut Client, cork: &mut CorkedSender, seed: 
 
 /// Small WRITEs queued on the socket behind one another are given to a backend that takes
 /// payloads from the socket itself in runs, several per call, headers and all; a run ends
-/// at a request that is not such a WRITE (FUA, READ, past the end of the export). Where the backend takes only part of
-/// a run, ending inside a header or a payload, the server finishes that WRITE itself and
-/// goes on. A WRITE whose payload is still arriving is taken too. Runs are taken even while the ordinary writes are slow enough for the pool
-/// to serve them. A backend that cannot take them now gets them the ordinary way, and
-/// reads alone never ask it. Over unix and TCP, with compact and extended headers, the data
-/// lands and every reply is a success.
+/// at a request that is not such a WRITE (FUA, READ, past the end of the export). Where
+/// the backend takes only part of a run, ending inside a header or a payload, the server
+/// finishes that WRITE itself and goes on. A WRITE whose payload is still arriving is read
+/// whole the ordinary way, so that a client vanishing halfway tears nothing. Runs are
+/// taken even while the ordinary writes are slow enough for the pool to serve them. A
+/// backend that cannot take them now gets them the ordinary way and is not asked again for
+/// a while, and reads alone never ask it. Over unix and TCP, with compact and extended
+/// headers, the data lands and every reply is right.
 #[test]
 fn queued_small_writes_are_received_by_the_backend_in_runs() {
     let s = setup(SIZE);
@@ -751,10 +759,11 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
             let calls = s.backend.received() - received;
             assert!(calls > 0, "{what}: the backend took them");
             assert!(calls < sent, "{what}: {calls} calls for {sent} writes");
+            assert!(s.backend.longest_run() > 1, "{what}: runs of several");
             assert_eq!(s.backend.receive_offers() - offers, calls, "{what}");
 
             // One whose payload is still arriving when it is looked at (after a first
-            // WRITE, read the ordinary way): taken all the same.
+            // WRITE, read the ordinary way) is read whole first, the ordinary way.
             c.write(0, &[1; 512], 0).unwrap();
             let received = s.backend.received();
             cork.send_split(
@@ -763,9 +772,10 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
                         .unwrap();
                 },
                 header + 100,
+                false,
             );
             assert_eq!(c.receive_reply().unwrap().error, None, "{what}");
-            assert_eq!(s.backend.received(), received + 1, "{what}: arriving");
+            assert_eq!(s.backend.received(), received, "{what}: arriving");
             assert_eq!(s.file_bytes(4096, 8192), [9; 8192], "{what}");
 
             for cut in [10, header + 100, header + 4096 + 5] {
@@ -783,15 +793,20 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
             // straight to the backend, which spares that slow path.
             s.backend.set_write_delay(Duration::from_millis(15));
             c.write(0, &[1; 4096], 0).unwrap();
+            // The next request read the ordinary way sees the slow one: the pool takes over.
+            c.read(0, 512, 0).unwrap();
             let received = s.backend.received();
             queued_writes_land(&s, &mut c, &mut cork, 40);
             s.backend.set_write_delay(Duration::ZERO);
             assert!(s.backend.received() > received, "{what}: slow writes");
 
             s.backend.set_receive(Receive::NotNow);
-            let received = s.backend.received();
+            let (offers, received) = (s.backend.receive_offers(), s.backend.received());
             queued_writes_land(&s, &mut c, &mut cork, 50);
             assert_eq!(s.backend.received(), received, "{what}: not now");
+            // After a refused run the reader stops peeking for a while.
+            let asked = s.backend.receive_offers() - offers;
+            assert!(asked <= 2, "{what}: asked {asked} times");
 
             s.backend.set_receive(Receive::Take);
             let offers = s.backend.receive_offers();
@@ -807,6 +822,22 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
                 assert_eq!(c.receive_reply().unwrap().error, None, "{what}");
             }
             assert_eq!(s.backend.receive_offers(), offers, "{what}: reads alone");
+
+            // A client that vanishes inside a small WRITE's payload, queued behind another
+            // WRITE, leaves the file as it was.
+            c.write(0, &[1; 512], 0).unwrap();
+            let before = s.file_bytes(4096, 8192);
+            cork.send_split(
+                || {
+                    c.send_request(0, proto::CMD_WRITE, 4096, 0, &[0x77; 8192])
+                        .unwrap();
+                },
+                header + 100,
+                true,
+            );
+            drop(c);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(s.file_bytes(4096, 8192), before, "{what}: nothing torn");
         }
     }
     s.backend.set_receive(Receive::Never);

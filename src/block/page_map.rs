@@ -99,8 +99,8 @@ impl PageMap {
     /// Receive the bytes of `writes` from `socket` (each its header, dropped, then its
     /// payload) with one `recvmsg`, every payload into the file `fd` at its offset, which
     /// is inside the file (with `wait_all`, waiting for as many as it takes). The receive
-    /// stops at the end of a payload's window and before the first page not in the page
-    /// cache. Returns how many bytes were taken from the socket, headers included, all the
+    /// stops at the end of a payload's window, before the first page not in the page
+    /// cache, and before a payload that would need more than [`WINDOWS`] windows. Returns how many bytes were taken from the socket, headers included, all the
     /// payload bytes among them now in the page cache (0: the peer has closed). An error
     /// means that nothing was taken, and the bytes must go by another path: `Unsupported`
     /// when the file cannot be mapped; otherwise the first payload's first page is not in
@@ -121,14 +121,24 @@ impl PageMap {
             if w.header > HEADER_MAX {
                 return Err(io::ErrorKind::InvalidInput.into());
             }
-            // A run ends before it would evict one of its own windows.
+            // The run's own mapping of the window: another connection may have evicted
+            // it from the list meanwhile. A run ends before it would need more windows
+            // than stay mapped.
             let base = w.offset - w.offset % WINDOW;
-            let new_window = !windows.iter().any(|held| held.base == base);
-            if new_window && windows.len() == WINDOWS {
-                break;
-            }
-            let (window, len) = match self.place(fd, w) {
-                Ok(place) => place,
+            let window = match windows.iter().find(|held| held.base == base) {
+                Some(held) => Arc::clone(held),
+                None if windows.len() == WINDOWS => break,
+                None => match self.window(fd, w.offset) {
+                    Ok(window) => {
+                        windows.push(Arc::clone(&window));
+                        window
+                    }
+                    Err(e) if iov.is_empty() => return Err(e),
+                    Err(_) => break,
+                },
+            };
+            let len = match cached_len(&window, w) {
+                Ok(len) => len,
                 Err(e) if iov.is_empty() => return Err(e),
                 Err(_) => break,
             };
@@ -142,9 +152,6 @@ impl PageMap {
                 iov_base: window.at(w.offset).cast(),
                 iov_len: len,
             });
-            if new_window {
-                windows.push(window);
-            }
             if len < w.len {
                 break;
             }
@@ -158,18 +165,6 @@ impl PageMap {
                 result => return result,
             }
         }
-    }
-
-    /// Where the payload of `w` goes: its window, and how many of its bytes from the start
-    /// lie there in pages that are in the page cache (at least one).
-    fn place(&self, fd: BorrowedFd<'_>, w: &QueuedWrite) -> io::Result<(Arc<Window>, usize)> {
-        let window = self.window(fd, w.offset)?;
-        let len = w.len.min((window.base + WINDOW - w.offset) as usize);
-        let len = cached_prefix(window.at(w.offset), len)?;
-        if len == 0 {
-            return Err(io::Error::other("not in the page cache"));
-        }
-        Ok((window, len))
     }
 
     /// The window holding `offset`, mapped now if it was not.
@@ -201,6 +196,17 @@ impl PageMap {
         drop(evicted);
         Ok(window)
     }
+}
+
+/// How many bytes of the payload of `w`, from its start, go into pages of `window` that are
+/// in the page cache (at least one).
+fn cached_len(window: &Window, w: &QueuedWrite) -> io::Result<usize> {
+    let len = w.len.min((window.base + WINDOW - w.offset) as usize);
+    let len = cached_prefix(window.at(w.offset), len)?;
+    if len == 0 {
+        return Err(io::Error::other("not in the page cache"));
+    }
+    Ok(len)
 }
 
 /// How many of the `len` bytes at `addr` of a file mapping lie in pages that are in the
