@@ -479,8 +479,9 @@ pub(crate) fn run(
         }
         // Alone (nothing running, nothing more queued), a request gains nothing from a
         // hand-off.
-        // (After an exact read the socket may hold more, unseen.)
-        let alone = !exact && reader.buffer().len() == buffered && in_flight.idle();
+        // A payload read exactly, past the buffer, may have more requests behind it, unseen.
+        let unseen = exact && !request.payload.is_empty();
+        let alone = !unseen && reader.buffer().len() == buffered && in_flight.idle();
         batch.client_asleep = alone && waiting_since.elapsed() >= CLIENT_ASLEEP;
         if alone || (inline && cheap) {
             if !cheap {

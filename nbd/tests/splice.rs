@@ -842,3 +842,35 @@ fn queued_small_writes_are_received_by_the_backend_in_runs() {
     }
     s.backend.set_receive(Receive::Never);
 }
+
+/// At QD1 a FLUSH read after a small WRITE (while the reader looks out for queued WRITEs)
+/// has nothing behind it, so the reader serves it itself: no worker thread starts.
+#[test]
+fn a_lone_flush_after_a_small_write_starts_no_worker() {
+    let s = setup(SIZE);
+    let threads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = threads.clone();
+    let server = Server::new(ServerConfig::default());
+    let config = ExportConfig {
+        name: "e".into(),
+        on_serve: Some(Arc::new(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })),
+        ..ExportConfig::default()
+    };
+    server.add_export(config, s.backend.clone()).unwrap();
+    s.backend.set_receive(Receive::Take);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    server.serve_client(Box::new(theirs), Box::new(|| {}));
+    let mut c = Client::connect(Box::new(ours), "e", false, &[]).unwrap();
+    for i in 0..3u8 {
+        c.write(u64::from(i) * 4096, &[i; 4096], 0).unwrap();
+        c.flush().unwrap();
+    }
+    assert_eq!(
+        threads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the reader served"
+    );
+    s.backend.set_receive(Receive::Never);
+}
