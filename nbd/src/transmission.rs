@@ -6,7 +6,8 @@
 //! that may wait for the disk (FLUSH, FUA, TRIM, WRITE_ZEROES, CACHE) go to a bounded pool of
 //! worker threads, and so does everything while the backend is seen to be slow (an inline
 //! request that took long: O_DIRECT, uncached data, a busy host), until the workers see it fast
-//! again, except runs of small WRITEs that the backend takes from the socket itself. Replies are written whole under the connection's send lock, in completion order.
+//! again, except runs of small WRITEs that the backend takes from the socket itself. Replies
+//! are written whole under the connection's send lock, in completion order.
 //! Before the reader sleeps on the socket it polls it for a while (see [`crate::poll`]);
 //! large reads from files are spliced (see [`crate::splice`]); large writes are written while
 //! their payload arrives (see [`Session::stream_write`]); small writes queued behind one
@@ -1110,14 +1111,14 @@ impl Session {
                 break;
             }
             let whole = header + h.length as usize;
+            if queued.len() < whole {
+                break;
+            }
             let write = QueuedWrite {
                 header,
                 offset: h.offset,
                 len: h.length as usize,
             };
-            if queued.len() < whole {
-                break;
-            }
             run.push((h, write));
             queued = &queued[whole..];
         }

@@ -20,8 +20,8 @@ use nbd::QueuedWrite;
 
 use super::page_map::{self, PageMap};
 use super::{
-    round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode, Extent,
-    OpenContext, ZeroFlags, ZERO_CHUNK,
+    leading_writes, round_up_to_sector, write_zeroes_as_data, BlockDriver, CacheMode, DiscardMode,
+    Extent, OpenContext, ZeroFlags, ZERO_CHUNK,
 };
 use crate::errno_text;
 
@@ -770,14 +770,12 @@ impl BlockDriver for FileDriver {
         };
         // Up to the first write past the end of the file, which would extend it.
         let file_len = self.file_len.load(Ordering::Acquire);
-        let inside = writes
-            .iter()
-            .take_while(|w| w.offset.saturating_add(w.len as u64) <= file_len)
-            .count();
-        if inside == 0 {
-            return Err(io::Error::other("past the end of the file"));
-        }
-        page_map.receive(self.fd.as_fd(), socket, &writes[..inside], wait_all)
+        let inside = leading_writes(
+            writes,
+            |w| w.offset.saturating_add(w.len as u64) <= file_len,
+            "past the end of the file",
+        )?;
+        page_map.receive(self.fd.as_fd(), socket, inside, wait_all)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {

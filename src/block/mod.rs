@@ -26,6 +26,19 @@ use std::sync::Arc;
 use nbd::QueuedWrite;
 use serde_json::{Map, Value};
 
+/// The writes at the start of `writes` that `ok` accepts: a receive of queued writes goes
+/// up to the first one a node must refuse, and fails with `refused` if that is the first.
+fn leading_writes<'a>(
+    writes: &'a [QueuedWrite],
+    ok: impl FnMut(&&QueuedWrite) -> bool,
+    refused: &str,
+) -> io::Result<&'a [QueuedWrite]> {
+    match writes.iter().take_while(ok).count() {
+        0 => Err(io::Error::other(refused.to_string())),
+        n => Ok(&writes[..n]),
+    }
+}
+
 /// The state of one extent, as [`BlockDriver::block_status`] reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {

@@ -11,7 +11,7 @@ use nbd::QueuedWrite;
 use serde_json::{json, Value};
 
 use super::bitmap::DirtyBitmap;
-use super::{BlockDriver, DetectZeroes, DiscardMode, WritePolicy, ZeroFlags};
+use super::{leading_writes, BlockDriver, DetectZeroes, DiscardMode, WritePolicy, ZeroFlags};
 
 pub struct BlockNode {
     name: String,
@@ -191,14 +191,11 @@ impl BlockNode {
         if self.policy.detect_zeroes != DetectZeroes::Off {
             return Err(io::ErrorKind::Unsupported.into());
         }
-        let unchecked = writes
-            .iter()
-            .take_while(|w| !self.writes_a_probed_header(w.offset))
-            .count();
-        if unchecked == 0 {
-            return Err(io::Error::other("a write to the first sector is checked"));
-        }
-        let writes = &writes[..unchecked];
+        let writes = leading_writes(
+            writes,
+            |w| !self.writes_a_probed_header(w.offset),
+            "a write to the first sector is checked",
+        )?;
         let taken = self.driver.receive_writes(socket, writes, wait_all)?;
         for (offset, len) in QueuedWrite::landed(writes, taken) {
             self.mark_dirty(offset, len as u64);

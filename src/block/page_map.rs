@@ -100,8 +100,9 @@ impl PageMap {
     /// payload) with one `recvmsg`, every payload into the file `fd` at its offset, which
     /// is inside the file (with `wait_all`, waiting for as many as it takes). The receive
     /// stops at the end of a payload's window, before the first page not in the page
-    /// cache, and before a payload that would need more than [`WINDOWS`] windows. Returns how many bytes were taken from the socket, headers included, all the
-    /// payload bytes among them now in the page cache (0: the peer has closed). An error
+    /// cache, and before a payload that would need more than [`WINDOWS`] windows. Returns
+    /// how many bytes were taken from the socket, headers included, all the payload bytes
+    /// among them now in the page cache (0: the peer has closed). An error
     /// means that nothing was taken, and the bytes must go by another path: `Unsupported`
     /// when the file cannot be mapped; otherwise the first payload's first page is not in
     /// the page cache, or the kernel could not make it writable.
